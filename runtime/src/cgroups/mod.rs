@@ -1,0 +1,1 @@
+//! cgroup management: v1, v2 and hybrid hierarchies.

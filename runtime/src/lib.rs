@@ -1,0 +1,4 @@
+//! `palisade-runtime`: an OCI runtime-spec implementation for Linux.
+
+pub mod cgroups;
+pub mod seccomp;

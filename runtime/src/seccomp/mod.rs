@@ -1,0 +1,1 @@
+//! OCI seccomp profile → BPF (seccompiler), and its installation.

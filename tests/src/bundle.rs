@@ -1,0 +1,1 @@
+//! A busybox OCI bundle built locally from Debian's busybox-static.

@@ -1,0 +1,1 @@
+//! A private containerd (own config, root, state and socket) for tests.

@@ -1,0 +1,1 @@
+//! A busybox OCI image built locally and `ctr image import`ed.

@@ -1,0 +1,6 @@
+//! Shared helpers for palisade integration tests: busybox bundles and OCI images built
+//! locally (there is no registry access), and a private containerd.
+
+pub mod bundle;
+pub mod containerd;
+pub mod image;

@@ -1,0 +1,1 @@
+//! `palisade-vmm`: a minimal KVM microVM monitor.
