@@ -1,0 +1,225 @@
+#!/usr/bin/env bash
+# Builds the nested test host ("L1"): a Debian cloud kernel plus one initramfs holding
+# busybox (as /init), the kvm-amd modules, qemu-system-x86_64 (reference VMM for the
+# benchmark and the rig's own smoke test), the palisade binaries (static), the guest kernel
+# and guest initramfs, and the scenario scripts. run.sh boots it under QEMU TCG `-cpu max`,
+# whose emulated AMD CPU has SVM, so /dev/kvm inside is real KVM (see
+# /work/shared/ENVIRONMENT.md).
+#
+# Everything is rebuilt from Debian packages and the repo; downloads and compiled helpers are
+# cached by content under $PALISADE_TEST_HOST_CACHE (default build/test-host/cache), so a
+# rerun only re-packs the initramfs (~1 s). An empty cache rebuilds everything.
+#
+# Output (paths printed at the end; run.sh reads them from build/test-host/image.env):
+#   build/test-host/vmlinuz   the L1 kernel
+#   build/test-host/l1.cpio   the L1 initramfs (uncompressed: unpacking gzip under TCG
+#                             costs more than copying the bytes)
+#
+# Components built by other areas are built through their own scripts; when one is not
+# available yet the image records that in /palisade/components and the scenarios that need
+# it fail saying which component is missing (they never fake a result).
+#
+# Needs: apt-get (Debian repo access), dpkg-deb, busybox-static, qemu-system-x86, cpio,
+# rustc + cargo. Runs as any user that can write build/; apt-get download needs no root.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+build_dir=${PALISADE_BUILD_DIR:-$repo/build}
+out=$build_dir/test-host
+cache=${PALISADE_TEST_HOST_CACHE:-$out/cache}
+target_dir=${CARGO_TARGET_DIR:-$repo/target}
+# The L1 kernel: Debian's cloud flavour (small, has kvm-amd as a module). Override with a
+# .deb path to pin a version.
+kernel_meta=${PALISADE_TEST_HOST_KERNEL_PKG:-linux-image-cloud-amd64}
+kernel_deb=${PALISADE_TEST_HOST_KERNEL_DEB:-}
+# PALISADE_TEST_HOST_PREBUILT=1: do not run cargo or the other areas' build scripts; take
+# whatever binaries, guest kernel and initramfs already exist (e.g. while iterating on the
+# scenarios, or while another engineer's build of the same tree is running).
+prebuilt=${PALISADE_TEST_HOST_PREBUILT:-0}
+
+log() { echo "build-image: $*" >&2; }
+die() { echo "build-image: error: $*" >&2; exit 1; }
+
+mkdir -p "$out" "$cache/debs"
+
+# --- 1. L1 kernel + modules from the Debian package -------------------------------------
+fetch_kernel_deb() {
+  if [[ -n $kernel_deb ]]; then
+    [[ -f $kernel_deb ]] || die "PALISADE_TEST_HOST_KERNEL_DEB=$kernel_deb does not exist"
+    echo "$kernel_deb"
+    return
+  fi
+  # The meta package depends on the current ABI package (linux-image-6.1.0-N-cloud-amd64).
+  local pkg
+  pkg=$(apt-cache depends "$kernel_meta" 2>/dev/null |
+    awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+  [[ -n $pkg ]] || die "cannot resolve $kernel_meta to a kernel package (apt-get update?)"
+  local ver
+  ver=$(apt-cache policy "$pkg" | awk '/Candidate:/ {print $2}')
+  local deb="$cache/debs/${pkg}_${ver}_amd64.deb"
+  if [[ ! -s $deb ]]; then
+    log "downloading $pkg $ver"
+    local tmp
+    tmp=$(mktemp -d "$cache/debs/dl.XXXXXX")
+    # apt-get download writes into the current directory; the _apt sandbox warning for a
+    # root-owned directory is harmless.
+    (cd "$tmp" && apt-get download -q "$pkg=$ver" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2) ||
+      { rm -rf "$tmp"; die "apt-get download $pkg=$ver failed"; }
+    mv "$tmp"/*.deb "$deb"
+    rmdir "$tmp"
+  fi
+  echo "$deb"
+}
+
+deb=$(fetch_kernel_deb)
+kdir="$cache/kernel-$(basename "$deb" .deb)"
+if [[ ! -f $kdir/.done ]]; then
+  log "extracting $(basename "$deb")"
+  rm -rf "$kdir" && mkdir -p "$kdir/x"
+  dpkg-deb -x "$deb" "$kdir/x"
+  kver=$(ls "$kdir/x/lib/modules")
+  cp "$kdir/x/boot/vmlinuz-$kver" "$kdir/vmlinuz"
+  mkdir -p "$kdir/modules"
+  # Load order matters (kvm needs irqbypass, kvm-amd needs kvm); overlay and loop serve the
+  # containerd scenarios. Modules may be xz-compressed in newer packages.
+  for m in virt/lib/irqbypass arch/x86/kvm/kvm arch/x86/kvm/kvm-amd fs/overlayfs/overlay drivers/block/loop; do
+    src="$kdir/x/lib/modules/$kver/kernel/$m"
+    name=$(basename "$m")
+    if [[ -f $src.ko ]]; then
+      cp "$src.ko" "$kdir/modules/$name.ko"
+    elif [[ -f $src.ko.xz ]]; then
+      xz -dc "$src.ko.xz" >"$kdir/modules/$name.ko"
+    elif [[ -f $src.ko.zst ]]; then
+      zstd -qdc "$src.ko.zst" >"$kdir/modules/$name.ko"
+    else
+      die "module $m not found in $(basename "$deb")"
+    fi
+    echo "$name.ko" >>"$kdir/modules/order"
+  done
+  echo "$kver" >"$kdir/kver"
+  rm -rf "$kdir/x"
+  touch "$kdir/.done"
+fi
+cp "$kdir/vmlinuz" "$out/vmlinuz"
+
+# --- 2. The rig's helper (std-only Rust, compiled with rustc, no crate) ------------------
+helper_src="$here/helper/th-helper.rs"
+helper_hash=$( (sha256sum "$helper_src"; rustc --version) | sha256sum | cut -c1-16)
+helper_bin="$cache/th-helper-$helper_hash"
+if [[ ! -x $helper_bin ]]; then
+  log "compiling th-helper"
+  rustc --edition 2021 -O -C target-feature=+crt-static --target x86_64-unknown-linux-gnu \
+    -o "$helper_bin.tmp" "$helper_src"
+  mv "$helper_bin.tmp" "$helper_bin"
+fi
+
+# --- 3. palisade binaries, guest kernel, guest initramfs ---------------------------------
+# Each line of components.txt: "<name> ok|missing <detail>". Scenarios read it.
+components=$(mktemp)
+trap 'rm -f "$components"' EXIT
+component() { echo "$*" >>"$components"; }
+
+static_bins=(palisade-vmm)
+if [[ $prebuilt != 1 ]]; then
+  log "building static palisade binaries (${static_bins[*]}) in $target_dir"
+  pkgs=()
+  for b in "${static_bins[@]}"; do pkgs+=(-p "$b"); done
+  # The explicit --target keeps build scripts and proc-macros dynamic while the binaries are
+  # static-pie (no libc needed inside L1).
+  RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR=$target_dir \
+    cargo build --quiet --release --target x86_64-unknown-linux-gnu "${pkgs[@]}" >&2 ||
+    die "cargo build of ${static_bins[*]} failed"
+fi
+bin_dir="$target_dir/x86_64-unknown-linux-gnu/release"
+
+guest_kernel="$build_dir/guest-kernel/vmlinux"
+if [[ $prebuilt != 1 && -x $repo/guest-kernel/build.sh ]]; then
+  log "guest kernel: guest-kernel/build.sh (skips itself when up to date)"
+  "$repo/guest-kernel/build.sh" >&2 || die "guest-kernel/build.sh failed"
+fi
+if [[ -f $guest_kernel ]]; then
+  component guest-kernel ok "$guest_kernel"
+else
+  component guest-kernel missing "guest-kernel/build.sh has not produced build/guest-kernel/vmlinux"
+fi
+
+guest_initramfs="$build_dir/guest/initramfs.cpio.gz"
+if [[ $prebuilt != 1 && -x $repo/agent/build-initramfs.sh ]]; then
+  log "guest initramfs: agent/build-initramfs.sh"
+  "$repo/agent/build-initramfs.sh" >&2 || die "agent/build-initramfs.sh failed"
+fi
+if [[ -f $guest_initramfs ]]; then
+  component guest-initramfs ok "$guest_initramfs"
+else
+  component guest-initramfs missing "agent/build-initramfs.sh has not produced build/guest/initramfs.cpio.gz"
+fi
+
+# --- 4. Stage the L1 root ---------------------------------------------------------------
+root="$out/root"
+rm -rf "$root"
+mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,run,etc,lib/modules,palisade/scenarios,palisade/bin,palisade/guest,usr/share/qemu}
+
+busybox=$(command -v busybox) || die "busybox not found (apt-get install busybox-static)"
+file -L "$busybox" 2>/dev/null | grep -q 'statically linked' || die "$busybox is not static (install busybox-static)"
+cp "$busybox" "$root/bin/busybox"
+ln -s busybox "$root/bin/sh"
+
+cp "$here/init" "$root/init"
+chmod 755 "$root/init"
+cp "$here"/scenarios/*.sh "$root/palisade/scenarios/"
+cp "$helper_bin" "$root/palisade/bin/th-helper"
+cp "$kdir"/modules/*.ko "$kdir/modules/order" "$root/lib/modules/"
+
+# qemu-system-x86_64 (dynamic): binary, its libraries, the firmware microvm loads. Only the
+# KVM accelerator is used inside L1, so no accel/ui modules are needed.
+qemu=$(command -v qemu-system-x86_64) || die "qemu-system-x86_64 not found (apt-get install qemu-system-x86)"
+copy_with_libs() {
+  local bin=$1 dest=$2
+  cp "$bin" "$dest"
+  ldd "$bin" | awk '/=> \// {print $3} /^\t\/lib64/ {print $1}' | while read -r lib; do
+    mkdir -p "$root$(dirname "$lib")"
+    [[ -e $root$lib ]] || cp -L "$lib" "$root$lib"
+  done
+}
+mkdir -p "$root/usr/bin"
+copy_with_libs "$qemu" "$root/usr/bin/qemu-system-x86_64"
+# qemu finds its data relative to the binary (../share/qemu).
+for f in bios-microvm.bin linuxboot_dma.bin pvh.bin; do
+  cp "/usr/share/qemu/$f" "$root/usr/share/qemu/"
+done
+# The rig's self-test guest (L2): Debian's own kernel and a busybox initramfs, so `smoke`
+# depends on nothing from the other areas.
+cp "$kdir/vmlinuz" "$root/palisade/guest/debian-vmlinuz"
+smoke_root=$(mktemp -d)
+mkdir -p "$smoke_root/bin" "$smoke_root/proc" "$smoke_root/dev"
+cp "$busybox" "$smoke_root/bin/busybox"
+cp "$here/smoke-guest/init" "$smoke_root/init"
+chmod 755 "$smoke_root/init"
+(cd "$smoke_root" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) >"$root/palisade/guest/smoke-initramfs.cpio"
+rm -rf "$smoke_root"
+component qemu ok "$($qemu --version | head -1)"
+
+for b in "${static_bins[@]}"; do
+  if [[ -x $bin_dir/$b ]] && file "$bin_dir/$b" | grep -q 'static'; then
+    cp "$bin_dir/$b" "$root/palisade/bin/$b"
+    component "$b" ok "$(stat -c %s "$bin_dir/$b") bytes"
+  else
+    component "$b" missing "no static $bin_dir/$b"
+  fi
+done
+[[ -f $guest_kernel ]] && cp "$guest_kernel" "$root/palisade/guest/vmlinux"
+[[ -f $guest_initramfs ]] && cp "$guest_initramfs" "$root/palisade/guest/initramfs.cpio.gz"
+
+cp "$components" "$root/palisade/components"
+
+# --- 5. Pack ----------------------------------------------------------------------------
+(cd "$root" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) >"$out/l1.cpio.tmp"
+mv "$out/l1.cpio.tmp" "$out/l1.cpio"
+cat >"$out/image.env" <<EOF
+L1_KERNEL=$out/vmlinuz
+L1_INITRD=$out/l1.cpio
+L1_KERNEL_PKG=$(basename "$deb")
+EOF
+log "image: $out/vmlinuz + $out/l1.cpio ($(du -h "$out/l1.cpio" | cut -f1)); components:"
+sed 's/^/build-image:   /' "$root/palisade/components" >&2

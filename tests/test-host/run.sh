@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Runs scenarios in the nested test host: builds the image (build-image.sh, cached), boots it
+# ONCE under QEMU TCG `-cpu max` (emulated AMD SVM → real KVM inside), runs the scenarios in
+# order inside it, and reports.
+#
+#   tests/test-host/run.sh all            every scenario (CI)
+#   tests/test-host/run.sh smoke boot     just these, in this order
+#   tests/test-host/run.sh --list         the scenarios and their time limits
+#
+# Prints each `PALISADE-TEST <scenario>[.<check>] PASS|FAIL|SKIP <detail>` line as it arrives,
+# then a summary and the total time. Exit 0 only if every scenario passed (SKIP counts as
+# passing unless PALISADE_TEST_HOST_STRICT=1; only `ctr-vm` skips, while the shim has no VM
+# mode). On failure: which scenario, the last lines of its serial output and the logs of its
+# VMMs (the test host prints them), and where the full serial log is kept.
+#
+# Environment: PALISADE_TEST_HOST_VERBOSE=1 prints every scenario's logs even when it passes;
+# PALISADE_TEST_HOST_SKIP_BUILD=1 reuses the last image; PALISADE_TEST_HOST_SMP (default 2)
+# and PALISADE_TEST_HOST_MEM_MIB (default 2048) size the test host. Needs no root: QEMU TCG
+# needs no /dev/kvm.
+#
+# Time budget (2 shared cores): the whole `all` run must finish in 15 min of which the test
+# host itself (boot + scenarios) is bounded by the per-scenario limits below; measured
+# numbers are in tests/test-host/README.md.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+out=${PALISADE_BUILD_DIR:-$repo/build}/test-host
+
+# Scenario order for `all`, with the time limit (s) the test host gives each one. Slow TCG:
+# one inner Linux boot costs ~5 s, a full containerd round ~30 s.
+scenarios_all=(smoke:120 boot:150 smp:150 container:240 lifecycle:180 ctr-vm:300 bench:400)
+host_boot_budget=120
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed 's/^# \{0,1\}//; /^set -euo/d'; }
+
+limit_of() {
+  local s
+  for s in "${scenarios_all[@]}"; do
+    [[ ${s%%:*} == "$1" ]] && { echo "${s#*:}"; return; }
+  done
+  echo 0
+}
+
+selected=()
+for arg in "$@"; do
+  case $arg in
+    -h | --help) usage; exit 0 ;;
+    --list) printf '%s\n' "${scenarios_all[@]}" | tr : ' '; exit 0 ;;
+    all) for s in "${scenarios_all[@]}"; do selected+=("${s%%:*}"); done ;;
+    *)
+      [[ $(limit_of "$arg") != 0 ]] || { echo "run.sh: unknown scenario $arg (see --list)" >&2; exit 2; }
+      selected+=("$arg")
+      ;;
+  esac
+done
+((${#selected[@]})) || { usage >&2; exit 2; }
+
+start=$(date +%s)
+if [[ ${PALISADE_TEST_HOST_SKIP_BUILD:-0} != 1 || ! -f $out/image.env ]]; then
+  "$here/build-image.sh"
+fi
+# shellcheck source=/dev/null
+. "$out/image.env"
+built=$(date +%s)
+
+# Kernel command line: palisade.scenarios=name:limit,...  (the init applies the limits).
+spec=
+total_limit=$host_boot_budget
+for s in "${selected[@]}"; do
+  spec+="${spec:+,}$s:$(limit_of "$s")"
+  total_limit=$((total_limit + $(limit_of "$s")))
+done
+append="console=ttyS0 panic=-1 quiet palisade.scenarios=$spec"
+[[ ${PALISADE_TEST_HOST_VERBOSE:-0} == 1 ]] && append+=" palisade.verbose=1"
+
+mkdir -p "$out/logs"
+log="$out/logs/$(date -u +%Y%m%dT%H%M%SZ)-$(IFS=-; echo "${selected[*]}" | cut -c1-60).log"
+# Keep the 20 most recent serial logs.
+find "$out/logs" -name "*.log" -printf "%T@ %p\n" | sort -rn | tail -n +20 | cut -d" " -f2- | xargs -r rm -f
+
+echo "run.sh: booting the test host (QEMU TCG, -cpu max) for: ${selected[*]} (limit ${total_limit}s)"
+echo "run.sh: serial log: $log"
+set +e
+# stdin from /dev/null: QEMU must not grab the terminal; the console is the serial port.
+timeout --kill-after=10 "$total_limit" qemu-system-x86_64 \
+  -accel tcg -cpu max -m "${PALISADE_TEST_HOST_MEM_MIB:-2048}" -smp "${PALISADE_TEST_HOST_SMP:-2}" \
+  -nodefaults -no-user-config -display none -serial stdio -monitor none -no-reboot \
+  -kernel "$L1_KERNEL" -initrd "$L1_INITRD" -append "$append" </dev/null 2>&1 |
+  sed -u 's/\r$//' | tee "$log" | grep --line-buffered -E '^PALISADE-(TEST|HOST) '
+qemu_rc=${PIPESTATUS[0]}
+set -e
+end=$(date +%s)
+
+# --- verdict ------------------------------------------------------------------------------
+failed=()
+skipped=()
+passed=()
+for s in "${selected[@]}"; do
+  lines=$(grep -E "^PALISADE-TEST $s(\.[^ ]*)? " "$log" || true)
+  if grep -q ' FAIL' <<<"$lines"; then
+    failed+=("$s")
+  elif grep -q ' PASS' <<<"$lines"; then
+    passed+=("$s")
+  elif grep -q ' SKIP' <<<"$lines"; then
+    skipped+=("$s")
+  else
+    failed+=("$s")
+    echo "PALISADE-TEST $s FAIL no result (the test host stopped before it finished)"
+  fi
+done
+
+if ! grep -q '^PALISADE-DONE ' "$log"; then
+  echo
+  echo "run.sh: the test host did not finish (QEMU exit $qemu_rc; 124 = outer time limit hit). Last 50 serial lines:"
+  tail -n 50 "$log" | sed 's/^/  | /'
+fi
+for s in "${failed[@]}"; do
+  echo
+  echo "run.sh: scenario $s FAILED. Last 60 lines of its serial output (VMM and guest logs included):"
+  # The scenario's section: from PALISADE-BEGIN to PALISADE-END (or the end of the log).
+  awk -v s="$s" '$0 == "PALISADE-BEGIN " s {on=1} on {print} on && $1 == "PALISADE-END" && $2 == s {on=0}' "$log" |
+    tail -n 60 | sed 's/^/  | /'
+done
+
+echo
+echo "run.sh: passed: ${passed[*]:-none}; skipped: ${skipped[*]:-none}; failed: ${failed[*]:-none}"
+echo "run.sh: total $((end - start)) s (image build $((built - start)) s, test host $((end - built)) s); serial log: $log"
+if ((${#failed[@]})); then
+  exit 1
+fi
+if ((${#skipped[@]})) && [[ ${PALISADE_TEST_HOST_STRICT:-0} == 1 ]]; then
+  echo "run.sh: PALISADE_TEST_HOST_STRICT=1 and scenarios were skipped"
+  exit 1
+fi
+exit 0
