@@ -1,5 +1,22 @@
 //! virtio devices (vsock, block) and their virtio-mmio transport.
 //!
-//! Owned by the virtio work; the VMM core only relies on: `MmioTransport` implementing
-//! [`super::BusDevice`], and a way to register each transport's queue-notify ioeventfds and
-//! interrupt irqfd with KVM, and the device's host-side fds with the device event loop.
+//! - [`device`]: the [`VirtioDevice`] trait, the [`Interrupt`] line and the event-loop
+//!   handler shared by all devices;
+//! - [`mmio`]: the virtio-mmio v2 transport ([`MmioTransport`]), which implements
+//!   [`crate::devices::BusDevice`] and [`crate::devices::VirtioMmioDevice`];
+//! - [`block`]: virtio-blk on a raw file;
+//! - [`vsock`]: virtio-vsock in Firecracker's hybrid mode (host side is a Unix socket).
+//!
+//! The VMM core only relies on `MmioTransport`: its queue-notify eventfds (KVM ioeventfds
+//! at offset `0x50`, datamatch = queue index), its interrupt eventfd (KVM irqfd on the
+//! device's GSI) and its event handler (device event loop).
+
+pub mod block;
+pub mod device;
+pub mod mmio;
+#[cfg(test)]
+pub(crate) mod test_utils;
+pub mod vsock;
+
+pub use device::{ActivateError, Activation, Interrupt, InterruptKind, VirtioDevice};
+pub use mmio::{MmioError, MmioTransport, MMIO_WINDOW_SIZE};
