@@ -87,7 +87,7 @@ timeout --kill-after=10 "$total_limit" qemu-system-x86_64 \
   -accel tcg -cpu max -m "${PALISADE_TEST_HOST_MEM_MIB:-2048}" -smp "${PALISADE_TEST_HOST_SMP:-2}" \
   -nodefaults -no-user-config -display none -serial stdio -monitor none -no-reboot \
   -kernel "$L1_KERNEL" -initrd "$L1_INITRD" -append "$append" </dev/null 2>&1 |
-  sed -u 's/\r$//' | tee "$log" | grep --line-buffered -E '^PALISADE-(TEST|HOST) '
+  sed -u 's/\r$//' | tee "$log" | grep --line-buffered -E '^PALISADE-(TEST|HOST|BENCH) '
 qemu_rc=${PIPESTATUS[0]}
 set -e
 end=$(date +%s)

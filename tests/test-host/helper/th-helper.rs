@@ -5,28 +5,32 @@
 //!
 //! * `spawn-until`: start a VMM, timestamp the first output line containing a marker
 //!   (guest-ready time measured from process start, the same way for every VMM), sample the
-//!   VMM's RSS at that moment, then kill it or wait for it to exit by itself.
+//!   VMM's memory at that moment, then kill it or wait for it to exit by itself.
 //! * `wait-log`: wait until a log file contains a marker (for VMMs left running in the
 //!   background while a scenario talks to them).
 //! * `hvsock`: the hybrid-vsock handshake (`CONNECT <port>\n` → `OK <n>\n`) on a VMM's Unix
 //!   socket — busybox `nc` has no Unix-socket mode.
-//! * `ttrpc`: one unary ttrpc call through that socket with a hand-encoded protobuf payload,
-//!   printing the response status and payload (hex).
+//! * `ttrpc`: one unary ttrpc call through that socket. The request message is written field
+//!   by field on the command line (`1=c1 2@=config.json 3{ 1=/dev/vda 4=ext4 }`); the
+//!   response's top-level fields are printed one per line (`f1=...`), so the scenarios can
+//!   drive the agent's protocol (agent/protocol/protos/agent.proto) without a Rust client.
 //!
-//! Output is `key=value` words on one line so shell scripts can `eval`/grep them.
+//! Output is one `key=value` per line so shell scripts can pick values with sed.
 
 use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const USAGE: &str = "usage:
-  th-helper spawn-until --marker STR --timeout SECS --log FILE (--kill | --wait SECS) -- CMD [ARG...]
+  th-helper spawn-until --marker STR --timeout SECS --log FILE [--guest-mem-mib N]
+                        (--kill | --wait SECS) -- CMD [ARG...]
   th-helper wait-log FILE MARKER TIMEOUT_SECS
-  th-helper hvsock SOCKET PORT
-  th-helper ttrpc SOCKET PORT SERVICE METHOD [PAYLOAD_HEX]";
+  th-helper hvsock SOCKET PORT [--hold SECS]
+  th-helper ttrpc [--save FIELD FILE] [--timeout SECS] SOCKET PORT|- SERVICE METHOD [FIELD...]
+    FIELD of the request message: N=TEXT | N@=FILE (bytes) | N:=INTEGER | N{ FIELD... }";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -54,13 +58,46 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("not a positive number of seconds: {s:?}"))
 }
 
-/// VmRSS of a live process in KiB (None once it has exited).
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+// --- spawn-until ------------------------------------------------------------------------
+
+/// Resident memory of a live process, in KiB: the total, and the part outside the guest's
+/// RAM mapping(s) — the VMM's own overhead. A mapping counts as guest RAM when its size is
+/// at least the guest memory size (both QEMU and palisade-vmm map guest RAM in one piece
+/// below the 32-bit MMIO gap for small guests).
+struct Rss {
+    total_kib: u64,
+    outside_guest_kib: Option<u64>,
+}
+
+fn sample_rss(pid: u32, guest_mem_kib: Option<u64>) -> Option<Rss> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let mut total = 0;
+    let mut outside = 0;
+    let mut mapping_kib = 0;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if let Some((start, end)) = first.split_once('-') {
+            // A mapping header: "start-end perms offset dev inode [path]".
+            if let (Ok(s), Ok(e)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16)) {
+                mapping_kib = e.saturating_sub(s) / 1024;
+            }
+        } else if first == "Rss:" {
+            let kib: u64 = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            total += kib;
+            if guest_mem_kib.is_none_or(|g| mapping_kib < g) {
+                outside += kib;
+            }
+        }
+    }
+    Some(Rss {
+        total_kib: total,
+        outside_guest_kib: guest_mem_kib.map(|_| outside),
+    })
 }
 
 enum AfterReady {
@@ -68,19 +105,30 @@ enum AfterReady {
     Wait(Duration),
 }
 
-fn spawn_until(args: &[String]) -> Result<ExitCode, String> {
-    let mut marker = None;
-    let mut timeout = None;
-    let mut log = None;
-    let mut after = None;
+struct SpawnOptions {
+    marker: String,
+    timeout: Duration,
+    log: String,
+    guest_mem_kib: Option<u64>,
+    after: AfterReady,
+    cmd: Vec<String>,
+}
+
+fn parse_spawn_options(args: &[String]) -> Result<SpawnOptions, String> {
+    let (mut marker, mut timeout, mut log, mut after, mut guest_mem_kib) =
+        (None, None, None, None, None);
     let mut i = 0;
     while i < args.len() {
-        let value = |i: usize| args.get(i + 1).cloned().ok_or_else(|| USAGE.to_string());
+        let value = || args.get(i + 1).cloned().ok_or_else(|| USAGE.to_string());
         match args[i].as_str() {
-            "--marker" => marker = Some(value(i)?),
-            "--timeout" => timeout = Some(parse_secs(&value(i)?)?),
-            "--log" => log = Some(value(i)?),
-            "--wait" => after = Some(AfterReady::Wait(parse_secs(&value(i)?)?)),
+            "--marker" => marker = Some(value()?),
+            "--timeout" => timeout = Some(parse_secs(&value()?)?),
+            "--log" => log = Some(value()?),
+            "--wait" => after = Some(AfterReady::Wait(parse_secs(&value()?)?)),
+            "--guest-mem-mib" => {
+                let mib: u64 = value()?.parse().map_err(|_| "bad --guest-mem-mib")?;
+                guest_mem_kib = Some(mib * 1024);
+            }
             "--kill" => {
                 after = Some(AfterReady::Kill);
                 i += 1;
@@ -94,80 +142,100 @@ fn spawn_until(args: &[String]) -> Result<ExitCode, String> {
         }
         i += 2;
     }
-    let (Some(marker), Some(timeout), Some(log), Some(after)) = (marker, timeout, log, after)
-    else {
-        return Err(USAGE.to_string());
-    };
-    let cmd = args.get(i..).filter(|c| !c.is_empty()).ok_or(USAGE)?;
+    let cmd = args.get(i..).unwrap_or_default().to_vec();
+    match (marker, timeout, log, after) {
+        (Some(marker), Some(timeout), Some(log), Some(after)) if !cmd.is_empty() => {
+            Ok(SpawnOptions {
+                marker,
+                timeout,
+                log,
+                guest_mem_kib,
+                after,
+                cmd,
+            })
+        }
+        _ => Err(USAGE.to_string()),
+    }
+}
 
+fn exit_text(status: ExitStatus) -> String {
+    status
+        .code()
+        .map_or_else(|| "signal".to_string(), |c| c.to_string())
+}
+
+fn kill_and_reap(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn spawn_until(args: &[String]) -> Result<ExitCode, String> {
+    let opts = parse_spawn_options(args)?;
     // stdout (the serial console) is read here line by line; stderr (the VMM's own log) goes
     // straight to the same append-mode log file.
     let log_file = OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&log)
-        .map_err(|e| format!("open {log}: {e}"))?;
+        .open(&opts.log)
+        .map_err(|e| format!("open {}: {e}", opts.log))?;
     let stderr_file = log_file.try_clone().map_err(|e| e.to_string())?;
     let start = Instant::now();
-    let mut child = Command::new(&cmd[0])
-        .args(&cmd[1..])
+    let mut child = Command::new(&opts.cmd[0])
+        .args(&opts.cmd[1..])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(stderr_file))
         .spawn()
-        .map_err(|e| format!("spawn {}: {e}", cmd[0]))?;
+        .map_err(|e| format!("spawn {}: {e}", opts.cmd[0]))?;
     let pid = child.id();
     let stdout = child.stdout.take().ok_or("child stdout missing")?;
 
     let (ready_tx, ready_rx) = mpsc::channel();
+    let marker = opts.marker.clone();
+    let guest_mem_kib = opts.guest_mem_kib;
     let reader = std::thread::spawn(move || {
         let mut log_file = log_file;
         let mut ready_tx = Some(ready_tx);
         let mut reader = BufReader::new(stdout);
         let mut line = Vec::new();
         // Raw bytes: a guest may print anything, including invalid UTF-8.
-        while reader
-            .read_until(b'\n', &mut line)
-            .map(|n| n > 0)
-            .unwrap_or(false)
-        {
+        while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
             let _ = log_file.write_all(&line);
             if ready_tx.is_some() && contains(&line, marker.as_bytes()) {
+                let elapsed = start.elapsed();
+                let rss = sample_rss(pid, guest_mem_kib);
                 if let Some(tx) = ready_tx.take() {
-                    let _ = tx.send((start.elapsed(), rss_kib(pid)));
+                    let _ = tx.send((elapsed, rss));
                 }
             }
             line.clear();
         }
     });
 
-    let ready = ready_rx.recv_timeout(timeout);
-    let code = match ready {
+    let code = match ready_rx.recv_timeout(opts.timeout) {
         Ok((elapsed, rss)) => {
-            let rss = rss.map_or("unknown".to_string(), |r| r.to_string());
-            print!("ready_ms={} rss_kib={rss} pid={pid}", elapsed.as_millis());
-            match after {
+            println!("ready_ms={}", elapsed.as_millis());
+            println!("pid={pid}");
+            if let Some(rss) = rss {
+                println!("rss_kib={}", rss.total_kib);
+                if let Some(outside) = rss.outside_guest_kib {
+                    println!("rss_outside_guest_kib={outside}");
+                }
+            }
+            match opts.after {
                 AfterReady::Kill => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    println!();
+                    kill_and_reap(&mut child);
                     0
                 }
                 AfterReady::Wait(limit) => match wait_with_timeout(&mut child, limit) {
                     Some(status) => {
-                        println!(
-                            " exit={} total_ms={}",
-                            status
-                                .code()
-                                .map_or("signal".to_string(), |c| c.to_string()),
-                            start.elapsed().as_millis()
-                        );
+                        println!("exit={}", exit_text(status));
+                        println!("total_ms={}", start.elapsed().as_millis());
                         0
                     }
                     None => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        println!(" exit=timeout");
+                        kill_and_reap(&mut child);
+                        println!("exit=timeout");
                         3
                     }
                 },
@@ -175,18 +243,22 @@ fn spawn_until(args: &[String]) -> Result<ExitCode, String> {
         }
         Err(_) => {
             // Timed out, or the process closed its output (exited) before the marker.
-            let status = match child.try_wait() {
-                Ok(Some(status)) => status.code().map_or("signal".into(), |c| c.to_string()),
+            let exit = match child.try_wait() {
+                Ok(Some(status)) => exit_text(status),
                 _ => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    "killed-after-timeout".into()
+                    // Give a process that is just exiting a moment before calling it a hang.
+                    match wait_with_timeout(&mut child, Duration::from_millis(200)) {
+                        Some(status) => exit_text(status),
+                        None => {
+                            kill_and_reap(&mut child);
+                            "killed-after-timeout".to_string()
+                        }
+                    }
                 }
             };
-            println!(
-                "ready_ms=none exit={status} elapsed_ms={}",
-                start.elapsed().as_millis()
-            );
+            println!("ready_ms=none");
+            println!("exit={exit}");
+            println!("elapsed_ms={}", start.elapsed().as_millis());
             2
         }
     };
@@ -194,10 +266,7 @@ fn spawn_until(args: &[String]) -> Result<ExitCode, String> {
     Ok(ExitCode::from(code))
 }
 
-fn wait_with_timeout(
-    child: &mut std::process::Child,
-    limit: Duration,
-) -> Option<std::process::ExitStatus> {
+fn wait_with_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + limit;
     loop {
         match child.try_wait() {
@@ -208,9 +277,7 @@ fn wait_with_timeout(
     }
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
-}
+// --- wait-log ---------------------------------------------------------------------------
 
 fn wait_log(args: &[String]) -> Result<ExitCode, String> {
     let [file, marker, timeout] = args else {
@@ -233,13 +300,18 @@ fn wait_log(args: &[String]) -> Result<ExitCode, String> {
     }
 }
 
+// --- hybrid vsock -----------------------------------------------------------------------
+
 /// Connects to a hybrid-vsock Unix socket and performs Firecracker's handshake.
-fn hvsock_connect(socket: &str, port: u32) -> Result<(UnixStream, String), String> {
+fn hvsock_connect(
+    socket: &str,
+    port: u32,
+    io_timeout: Duration,
+) -> Result<(UnixStream, String), String> {
     let mut stream = UnixStream::connect(socket).map_err(|e| format!("connect {socket}: {e}"))?;
-    let io_timeout = Some(Duration::from_secs(10));
     stream
-        .set_read_timeout(io_timeout)
-        .and_then(|_| stream.set_write_timeout(io_timeout))
+        .set_read_timeout(Some(io_timeout))
+        .and_then(|_| stream.set_write_timeout(Some(io_timeout)))
         .map_err(|e| e.to_string())?;
     stream
         .write_all(format!("CONNECT {port}\n").as_bytes())
@@ -263,16 +335,60 @@ fn hvsock_connect(socket: &str, port: u32) -> Result<(UnixStream, String), Strin
 }
 
 fn hvsock_cmd(args: &[String]) -> Result<ExitCode, String> {
-    let [socket, port] = args else {
-        return Err(USAGE.to_string());
+    let (socket, port, hold) = match args {
+        [socket, port] => (socket, port, None),
+        [socket, port, flag, secs] if flag == "--hold" => (socket, port, Some(parse_secs(secs)?)),
+        _ => return Err(USAGE.to_string()),
     };
     let port = port.parse().map_err(|_| format!("bad port {port:?}"))?;
-    let (_, reply) = hvsock_connect(socket, port)?;
-    println!("handshake={:?}", reply);
+    let (mut stream, reply) = hvsock_connect(socket, port, Duration::from_secs(10))?;
+    println!("handshake={reply}");
+    let Some(hold) = hold else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    // Keep the connection open and report when the other side goes away (e.g. the VMM was
+    // killed): a peer must see EOF or a reset, never hang.
+    let _ = std::io::stdout().flush();
+    stream
+        .set_read_timeout(Some(hold))
+        .map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => {
+                println!("peer_closed=eof");
+                break;
+            }
+            Ok(_) if start.elapsed() < hold => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                println!("peer_closed=reset");
+                break;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) || start.elapsed() >= hold =>
+            {
+                println!("peer_closed=no");
+                return Ok(ExitCode::from(2));
+            }
+            Ok(_) => {
+                println!("peer_closed=no");
+                return Ok(ExitCode::from(2));
+            }
+            Err(e) => {
+                println!("peer_closed=error:{e}");
+                break;
+            }
+        }
+    }
+    println!("held_ms={}", start.elapsed().as_millis());
     Ok(ExitCode::SUCCESS)
 }
 
-// --- minimal protobuf + ttrpc framing --------------------------------------------------
+// --- minimal protobuf -------------------------------------------------------------------
 
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
@@ -282,15 +398,53 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
-fn put_bytes_field(out: &mut Vec<u8>, field: u64, data: &[u8]) {
+fn put_len_field(out: &mut Vec<u8>, field: u64, data: &[u8]) {
     put_varint(out, (field << 3) | 2);
     put_varint(out, data.len() as u64);
     out.extend_from_slice(data);
 }
 
-/// One decoded protobuf field: number and either a varint or a length-delimited value.
+/// Encodes `N=TEXT`, `N@=FILE`, `N:=INTEGER` and `N{ ... }` words into a message, consuming
+/// words until the end or an unmatched `}`.
+fn encode_fields(words: &mut std::slice::Iter<'_, String>) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    while let Some(word) = words.next() {
+        if word == "}" {
+            return Ok(out);
+        }
+        let field_no = |n: &str| -> Result<u64, String> {
+            n.parse::<u64>()
+                .ok()
+                .filter(|&n| n > 0 && n < (1 << 29))
+                .ok_or_else(|| format!("bad field number in {word:?}"))
+        };
+        if let Some(n) = word.strip_suffix('{') {
+            let nested = encode_fields(words)?;
+            put_len_field(&mut out, field_no(n)?, &nested);
+        } else if let Some((n, path)) = word.split_once("@=") {
+            let data = std::fs::read(path).map_err(|e| format!("read {path}: {e}"))?;
+            put_len_field(&mut out, field_no(n)?, &data);
+        } else if let Some((n, int)) = word.split_once(":=") {
+            let v: i64 = int
+                .parse()
+                .map_err(|_| format!("bad integer in {word:?}"))?;
+            put_varint(&mut out, field_no(n)? << 3);
+            // Negative int32/int64 values are sign-extended to 64 bits on the wire.
+            put_varint(&mut out, v as u64);
+        } else if let Some((n, text)) = word.split_once('=') {
+            put_len_field(&mut out, field_no(n)?, text.as_bytes());
+        } else {
+            return Err(format!("cannot parse field {word:?}\n{USAGE}"));
+        }
+    }
+    Ok(out)
+}
+
+/// One decoded protobuf field value.
 enum PbValue<'a> {
     Varint(u64),
+    Fixed64(u64),
+    Fixed32(u32),
     Bytes(&'a [u8]),
 }
 
@@ -307,6 +461,16 @@ fn get_varint(data: &[u8], pos: &mut usize) -> Result<u64, String> {
     Err("varint too long".into())
 }
 
+fn take<'a>(data: &'a [u8], pos: &mut usize, len: usize) -> Result<&'a [u8], String> {
+    let end = pos
+        .checked_add(len)
+        .filter(|&e| e <= data.len())
+        .ok_or("field runs past the end of the message")?;
+    let v = &data[*pos..end];
+    *pos = end;
+    Ok(v)
+}
+
 fn pb_fields(data: &[u8]) -> Result<Vec<(u64, PbValue<'_>)>, String> {
     let mut pos = 0;
     let mut fields = Vec::new();
@@ -314,22 +478,18 @@ fn pb_fields(data: &[u8]) -> Result<Vec<(u64, PbValue<'_>)>, String> {
         let key = get_varint(data, &mut pos)?;
         let value = match key & 7 {
             0 => PbValue::Varint(get_varint(data, &mut pos)?),
+            1 => {
+                let b = take(data, &mut pos, 8)?;
+                PbValue::Fixed64(u64::from_le_bytes(b.try_into().map_err(|_| "fixed64")?))
+            }
             2 => {
                 let len =
                     usize::try_from(get_varint(data, &mut pos)?).map_err(|e| e.to_string())?;
-                let end = pos.checked_add(len).filter(|&e| e <= data.len());
-                let end = end.ok_or("length-delimited field past the end")?;
-                let v = &data[pos..end];
-                pos = end;
-                PbValue::Bytes(v)
-            }
-            1 => {
-                pos += 8;
-                PbValue::Varint(0)
+                PbValue::Bytes(take(data, &mut pos, len)?)
             }
             5 => {
-                pos += 4;
-                PbValue::Varint(0)
+                let b = take(data, &mut pos, 4)?;
+                PbValue::Fixed32(u32::from_le_bytes(b.try_into().map_err(|_| "fixed32")?))
             }
             t => return Err(format!("unsupported wire type {t}")),
         };
@@ -338,19 +498,21 @@ fn pb_fields(data: &[u8]) -> Result<Vec<(u64, PbValue<'_>)>, String> {
     Ok(fields)
 }
 
-fn hex_decode(s: &str) -> Result<Vec<u8>, String> {
-    if s.len() % 2 != 0 {
-        return Err(format!("odd-length hex {s:?}"));
+/// Bytes as text with anything unprintable (and `\`) escaped, so each field stays on one line.
+fn escape(data: &[u8]) -> String {
+    let mut s = String::new();
+    for &b in data {
+        match b {
+            b'\\' => s.push_str("\\\\"),
+            b'\n' => s.push_str("\\n"),
+            0x20..=0x7e => s.push(b as char),
+            _ => s.push_str(&format!("\\x{b:02x}")),
+        }
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|_| format!("bad hex {s:?}")))
-        .collect()
+    s
 }
 
-fn hex_encode(data: &[u8]) -> String {
-    data.iter().map(|b| format!("{b:02x}")).collect()
-}
+// --- ttrpc ------------------------------------------------------------------------------
 
 const TTRPC_HEADER_LEN: usize = 10;
 const TTRPC_TYPE_REQUEST: u8 = 1;
@@ -358,21 +520,46 @@ const TTRPC_TYPE_RESPONSE: u8 = 2;
 const TTRPC_MAX_MESSAGE: usize = 4 << 20;
 
 fn ttrpc_cmd(args: &[String]) -> Result<ExitCode, String> {
-    let (socket, port, service, method, payload) = match args {
-        [s, p, sv, m] => (s, p, sv, m, Vec::new()),
-        [s, p, sv, m, hex] => (s, p, sv, m, hex_decode(hex)?),
-        _ => return Err(USAGE.to_string()),
+    let mut saves: Vec<(u64, String)> = Vec::new();
+    let mut timeout = Duration::from_secs(30);
+    let mut rest = args;
+    loop {
+        match rest {
+            [flag, n, file, tail @ ..] if flag == "--save" => {
+                let n = n.parse().map_err(|_| format!("bad --save field {n:?}"))?;
+                saves.push((n, file.clone()));
+                rest = tail;
+            }
+            [flag, secs, tail @ ..] if flag == "--timeout" => {
+                timeout = parse_secs(secs)?;
+                rest = tail;
+            }
+            _ => break,
+        }
+    }
+    let [socket, port, service, method, fields @ ..] = rest else {
+        return Err(USAGE.to_string());
     };
-    let port = port.parse().map_err(|_| format!("bad port {port:?}"))?;
-    let (mut stream, _) = hvsock_connect(socket, port)?;
+    let payload = encode_fields(&mut fields.iter())?;
+    // PORT "-": a plain Unix socket without the hybrid-vsock handshake (an agent run on the
+    // build host with `--listen unix:PATH`), to check this client against the real server.
+    let mut stream = if port == "-" {
+        let s = UnixStream::connect(socket).map_err(|e| format!("connect {socket}: {e}"))?;
+        s.set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        s
+    } else {
+        let port = port.parse().map_err(|_| format!("bad port {port:?}"))?;
+        hvsock_connect(socket, port, timeout)?.0
+    };
 
     // ttrpc.Request { service = 1; method = 2; payload = 3; timeout_nano = 4; }
     let mut request = Vec::new();
-    put_bytes_field(&mut request, 1, service.as_bytes());
-    put_bytes_field(&mut request, 2, method.as_bytes());
-    put_bytes_field(&mut request, 3, &payload);
+    put_len_field(&mut request, 1, service.as_bytes());
+    put_len_field(&mut request, 2, method.as_bytes());
+    put_len_field(&mut request, 3, &payload);
     put_varint(&mut request, 4 << 3);
-    put_varint(&mut request, 10_000_000_000);
+    put_varint(&mut request, timeout.as_nanos() as u64);
 
     let stream_id: u32 = 1; // clients use odd stream ids
     let mut frame = Vec::with_capacity(TTRPC_HEADER_LEN + request.len());
@@ -388,7 +575,7 @@ fn ttrpc_cmd(args: &[String]) -> Result<ExitCode, String> {
     let mut header = [0u8; TTRPC_HEADER_LEN];
     stream
         .read_exact(&mut header)
-        .map_err(|e| format!("read response header: {e}"))?;
+        .map_err(|e| format!("{service}/{method}: read response header: {e}"))?;
     let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
     let id = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
     if header[8] != TTRPC_TYPE_RESPONSE || id != stream_id {
@@ -405,14 +592,14 @@ fn ttrpc_cmd(args: &[String]) -> Result<ExitCode, String> {
     // ttrpc.Response { Status status = 1; bytes payload = 2; }, Status { code = 1; message = 2; }
     let mut code = 0;
     let mut message = String::new();
-    let mut payload = &[][..];
+    let mut payload: &[u8] = &[];
     for (field, value) in pb_fields(&body)? {
         match (field, value) {
             (1, PbValue::Bytes(status)) => {
                 for (f, v) in pb_fields(status)? {
                     match (f, v) {
                         (1, PbValue::Varint(c)) => code = c,
-                        (2, PbValue::Bytes(m)) => message = String::from_utf8_lossy(m).into(),
+                        (2, PbValue::Bytes(m)) => message = escape(m),
                         _ => {}
                     }
                 }
@@ -421,10 +608,27 @@ fn ttrpc_cmd(args: &[String]) -> Result<ExitCode, String> {
             _ => {}
         }
     }
-    println!(
-        "status={code} message={message:?} payload={}",
-        hex_encode(payload)
-    );
+    println!("status={code}");
+    println!("message={message}");
+    for (field, value) in pb_fields(payload)? {
+        match value {
+            PbValue::Varint(v) => println!("f{field}={v}"),
+            // Fixed64 in agent.proto is a double (GuestInfo.uptime_seconds).
+            PbValue::Fixed64(v) => println!("f{field}={}", f64::from_bits(v)),
+            PbValue::Fixed32(v) => println!("f{field}={v}"),
+            PbValue::Bytes(b) => {
+                println!("f{field}={}", escape(b));
+                for (_, file) in saves.iter().filter(|(n, _)| *n == field) {
+                    let mut f = OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(file)
+                        .map_err(|e| format!("open {file}: {e}"))?;
+                    f.write_all(b).map_err(|e| format!("write {file}: {e}"))?;
+                }
+            }
+        }
+    }
     Ok(if code == 0 {
         ExitCode::SUCCESS
     } else {
