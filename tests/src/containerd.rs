@@ -67,6 +67,8 @@ impl Default for CriConfig {
 pub struct Options {
     /// Enable the CRI plugin with a `palisade-native` runtime handler.
     pub cri: Option<CriConfig>,
+    /// Extra environment for containerd, which its shims inherit (e.g. PALISADE_CONFIG).
+    pub env: Vec<(String, String)>,
 }
 
 /// A running private containerd.
@@ -263,6 +265,7 @@ oom_score = 0
             .arg("--config")
             .arg(self.dir().join("config.toml"))
             .env("PATH", path)
+            .envs(self.options.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

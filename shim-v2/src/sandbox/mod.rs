@@ -1,0 +1,75 @@
+//! A pod's sandbox: the isolation boundary its containers run in. Native mode runs them
+//! on the host with `palisade-runtime`; VM mode (a later issue) will run them in a
+//! microVM. The Task service talks to whichever [`Sandbox`] the pod's mode selects.
+
+pub mod native;
+
+use async_trait::async_trait;
+use containerd_shim_protos::{
+    api::{CreateTaskRequest, DeleteResponse, ExecProcessRequest, StateResponse, WaitResponse},
+    protobuf::well_known_types::any::Any,
+    types::task::ProcessInfo,
+};
+
+/// Why a task operation failed; mapped onto ttrpc status codes containerd understands.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    Unimplemented(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<TaskError> for containerd_shim_protos::ttrpc::Error {
+    fn from(e: TaskError) -> Self {
+        use containerd_shim_protos::ttrpc::{get_status, Code, Error};
+        let code = match &e {
+            TaskError::NotFound(_) => Code::NOT_FOUND,
+            TaskError::AlreadyExists(_) => Code::ALREADY_EXISTS,
+            TaskError::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
+            TaskError::InvalidArgument(_) => Code::INVALID_ARGUMENT,
+            TaskError::Unimplemented(_) => Code::UNIMPLEMENTED,
+            TaskError::Unavailable(_) => Code::UNAVAILABLE,
+            TaskError::Internal(_) => Code::INTERNAL,
+        };
+        Error::RpcStatus(get_status(code, e.to_string()))
+    }
+}
+
+pub type TaskResult<T> = Result<T, TaskError>;
+
+/// The containers of one pod, managed inside one isolation boundary.
+#[async_trait]
+pub trait Sandbox: Send + Sync {
+    async fn create(&self, req: CreateTaskRequest) -> TaskResult<u32>;
+    async fn start(&self, id: &str, exec_id: &str) -> TaskResult<u32>;
+    async fn delete(&self, id: &str, exec_id: &str) -> TaskResult<DeleteResponse>;
+    async fn exec(&self, req: ExecProcessRequest) -> TaskResult<()>;
+    async fn resize_pty(&self, id: &str, exec_id: &str, width: u32, height: u32) -> TaskResult<()>;
+    async fn close_io(&self, id: &str, exec_id: &str) -> TaskResult<()>;
+    async fn state(&self, id: &str, exec_id: &str) -> TaskResult<StateResponse>;
+    async fn pids(&self, id: &str) -> TaskResult<Vec<ProcessInfo>>;
+    async fn pause(&self, id: &str) -> TaskResult<()>;
+    async fn resume(&self, id: &str) -> TaskResult<()>;
+    async fn kill(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> TaskResult<()>;
+    async fn wait(&self, id: &str, exec_id: &str) -> TaskResult<WaitResponse>;
+    /// cgroup metrics, packed as containerd's `io.containerd.cgroups.v1.Metrics` or
+    /// `io.containerd.cgroups.v2.Metrics`.
+    async fn stats(&self, id: &str) -> TaskResult<Any>;
+    /// Applies runtime-spec `LinuxResources` (JSON, as containerd packs it).
+    async fn update(&self, id: &str, resources: &Any) -> TaskResult<()>;
+    /// Pid of container `id`'s init process, if it exists.
+    async fn task_pid(&self, id: &str) -> Option<u32>;
+    /// Whether no container is left (the shim may exit on Shutdown).
+    async fn is_empty(&self) -> bool;
+}
