@@ -3,20 +3,40 @@
 //! ACPI power-off, so a guest reboot is how a VM ends; the VMM turns it into a clean exit.
 //! The 0xcf9 reset control register is handled the same way for `reboot=pci`.
 
-use vm_superio::I8042Device;
-use vmm_sys_util::eventfd::EventFd;
+use std::convert::Infallible;
+use std::sync::Arc;
 
-use super::serial::EventFdTrigger;
+use vm_superio::{I8042Device, Trigger};
+
 use crate::devices::BusDevice;
 
-/// i8042 on ports 0x60..=0x64; signals `reset_evt` on a CPU reset command.
+/// Called (on the vCPU thread) when the guest requests a CPU reset.
+pub type ResetCallback = Arc<dyn Fn() + Send + Sync>;
+
+struct CallbackTrigger(ResetCallback);
+
+impl std::fmt::Debug for CallbackTrigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CallbackTrigger")
+    }
+}
+
+impl Trigger for CallbackTrigger {
+    type E = Infallible;
+    fn trigger(&self) -> Result<(), Infallible> {
+        (self.0)();
+        Ok(())
+    }
+}
+
+/// i8042 on ports 0x60..=0x64; calls `on_reset` on a CPU reset command.
 #[derive(Debug)]
-pub struct I8042(I8042Device<EventFdTrigger>);
+pub struct I8042(I8042Device<CallbackTrigger>);
 
 impl I8042 {
-    /// A controller that writes to `reset_evt` when the guest resets the CPU.
-    pub fn new(reset_evt: EventFd) -> Self {
-        I8042(I8042Device::new(EventFdTrigger(reset_evt)))
+    /// A controller that calls `on_reset` when the guest resets the CPU.
+    pub fn new(on_reset: ResetCallback) -> Self {
+        I8042(I8042Device::new(CallbackTrigger(on_reset)))
     }
 }
 
@@ -31,22 +51,25 @@ impl BusDevice for I8042 {
         let (Ok(offset), [value]) = (u8::try_from(offset), data) else {
             return;
         };
-        if let Err(e) = self.0.write(offset, *value) {
-            tracing::error!("i8042: cannot signal the reset event: {e:?}");
-        }
+        let Ok(()) = self.0.write(offset, *value);
     }
 }
 
 /// The PCI reset control register at 0xcf9: bit 2 set requests a reset.
-#[derive(Debug)]
 pub struct ResetControl {
-    reset_evt: EventFd,
+    on_reset: ResetCallback,
+}
+
+impl std::fmt::Debug for ResetControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResetControl")
+    }
 }
 
 impl ResetControl {
-    /// A register that writes to `reset_evt` when the guest requests a reset.
-    pub fn new(reset_evt: EventFd) -> Self {
-        ResetControl { reset_evt }
+    /// A register that calls `on_reset` when the guest requests a reset.
+    pub fn new(on_reset: ResetCallback) -> Self {
+        ResetControl { on_reset }
     }
 }
 
@@ -60,9 +83,7 @@ impl BusDevice for ResetControl {
 
     fn write(&mut self, _offset: u64, data: &[u8]) {
         if matches!(data, [v] if v & RST_CPU != 0) {
-            if let Err(e) = self.reset_evt.write(1) {
-                tracing::error!("reset control: cannot signal the reset event: {e}");
-            }
+            (self.on_reset)();
         }
     }
 }
@@ -70,18 +91,23 @@ impl BusDevice for ResetControl {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
-    fn evt() -> (EventFd, EventFd) {
-        let e = EventFd::new(EFD_NONBLOCK).unwrap();
-        let c = e.try_clone().unwrap();
-        (e, c)
+    fn counter() -> (Arc<AtomicUsize>, ResetCallback) {
+        let n = Arc::new(AtomicUsize::new(0));
+        let c = n.clone();
+        (
+            n,
+            Arc::new(move || {
+                c.fetch_add(1, Ordering::SeqCst);
+            }),
+        )
     }
 
     #[test]
     fn reset_command_signals_reset() {
-        let (e, c) = evt();
-        let mut dev = I8042::new(c);
+        let (n, cb) = counter();
+        let mut dev = I8042::new(cb);
         let mut status = [0xaa];
         dev.read(4, &mut status);
         assert_eq!(status, [0], "status must say 'input buffer empty'");
@@ -90,19 +116,19 @@ mod tests {
         dev.write(0, &[0xfe]);
         dev.write(4, &[0xfe, 0xfe]);
         dev.write(u64::MAX, &[0xfe]);
-        assert!(e.read().is_err(), "no reset expected yet");
+        assert_eq!(n.load(Ordering::SeqCst), 0, "no reset expected yet");
         dev.write(4, &[0xfe]);
-        assert_eq!(e.read().unwrap(), 1);
+        assert_eq!(n.load(Ordering::SeqCst), 1);
     }
 
     #[test]
     fn reset_control_needs_rst_cpu_bit() {
-        let (e, c) = evt();
-        let mut dev = ResetControl::new(c);
+        let (n, cb) = counter();
+        let mut dev = ResetControl::new(cb);
         dev.write(0, &[0x02]);
         dev.write(0, &[]);
-        assert!(e.read().is_err());
+        assert_eq!(n.load(Ordering::SeqCst), 0);
         dev.write(0, &[0x06]);
-        assert_eq!(e.read().unwrap(), 1);
+        assert_eq!(n.load(Ordering::SeqCst), 1);
     }
 }

@@ -4,7 +4,7 @@
 mod i8042;
 mod serial;
 
-pub use i8042::{ResetControl, I8042};
+pub use i8042::{ResetCallback, ResetControl, I8042};
 pub use serial::{EventFdTrigger, Serial, SerialInput, SerialOutput};
 
 use super::BusDevice;

@@ -1,0 +1,141 @@
+//! Tiny guests for the KVM smoke tests and the start-up benchmark: an ELF64 builder and
+//! hand-assembled 64-bit programs. They are booted exactly like a kernel (an ELF without a
+//! PVH note enters in 64-bit mode at `e_entry`), so they exercise the real load path,
+//! vCPU setup, run loop and buses. They end by pulsing the i8042 reset line, because with
+//! an in-kernel irqchip `hlt` never leaves KVM.
+
+use crate::arch::x86_64::layout::HIMEM_START;
+
+/// Where tiny guests are loaded and entered.
+pub const TINY_GUEST_LOAD: u64 = HIMEM_START;
+
+/// `out 0x64, 0xfe` (i8042 "pulse reset line"), then `hlt; jmp .-1` in case the VMM
+/// lets the vCPU run on.
+const RESET_AND_PARK: [u8; 7] = [0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
+
+/// Writes "OK\n" to COM1 and resets.
+pub fn serial_ok_guest() -> Vec<u8> {
+    let mut code = vec![
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xb0, b'O', 0xee, // mov al, 'O'; out dx, al
+        0xb0, b'K', 0xee, // mov al, 'K'; out dx, al
+        0xb0, b'\n', 0xee, // mov al, '\n'; out dx, al
+    ];
+    code.extend_from_slice(&RESET_AND_PARK);
+    code
+}
+
+/// Reads the 32-bit registers at `mmio_base + 0, 4, 8` (virtio-mmio MagicValue, Version,
+/// DeviceID), writes their 12 little-endian bytes to COM1, and resets.
+pub fn virtio_probe_guest(mmio_base: u64) -> Vec<u8> {
+    let mut code = vec![0x48, 0xbb]; // movabs rbx, imm64 (a 32-bit displacement would sign-extend)
+    code.extend_from_slice(&mmio_base.to_le_bytes());
+    code.extend_from_slice(&[
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xb9, 0x03, 0x00, 0x00, 0x00, // mov ecx, 3
+        // loop:
+        0x8b, 0x03, // mov eax, [rbx]
+        0xee, // out dx, al
+        0xc1, 0xe8, 0x08, 0xee, // shr eax, 8; out dx, al
+        0xc1, 0xe8, 0x08, 0xee, // shr eax, 8; out dx, al
+        0xc1, 0xe8, 0x08, 0xee, // shr eax, 8; out dx, al
+        0x48, 0x83, 0xc3, 0x04, // add rbx, 4
+        0xff, 0xc9, // dec ecx
+        0x75, 0xe9, // jnz loop (-23)
+    ]);
+    code.extend_from_slice(&RESET_AND_PARK);
+    code
+}
+
+/// Executes `ud2` with no usable IDT: #UD -> #GP -> #DF -> triple fault.
+pub fn triple_fault_guest() -> Vec<u8> {
+    vec![0x0f, 0x0b]
+}
+
+/// Never ends on its own: `jmp .` (for pause/resume/shutdown tests).
+pub fn spin_guest() -> Vec<u8> {
+    let mut code = serial_ok_guest();
+    let reset = code.len() - RESET_AND_PARK.len();
+    code.truncate(reset);
+    code.extend_from_slice(&[0xeb, 0xfe]);
+    code
+}
+
+/// A minimal ELF64 executable: one `PT_LOAD` of `code` at `load` with entry `load`, and,
+/// if `pvh_entry` is given, a `PT_NOTE` with the Xen PVH entry note.
+pub fn tiny_elf(code: &[u8], load: u64, pvh_entry: Option<u32>) -> Vec<u8> {
+    const EHDR: usize = 64;
+    const PHDR: usize = 56;
+    let phnum: usize = if pvh_entry.is_some() { 2 } else { 1 };
+    let note_off = EHDR + PHDR * phnum;
+    let note: Vec<u8> = match pvh_entry {
+        Some(entry) => {
+            let mut n = Vec::new();
+            n.extend_from_slice(&4u32.to_le_bytes()); // namesz ("Xen\0")
+            n.extend_from_slice(&4u32.to_le_bytes()); // descsz
+            n.extend_from_slice(&18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
+            n.extend_from_slice(b"Xen\0");
+            n.extend_from_slice(&entry.to_le_bytes());
+            n
+        }
+        None => Vec::new(),
+    };
+    let code_off = (note_off + note.len()).next_multiple_of(16);
+
+    let mut elf = Vec::with_capacity(code_off + code.len());
+    elf.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0]);
+    elf.extend_from_slice(&[0; 8]);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // EM_X86_64
+    elf.extend_from_slice(&1u32.to_le_bytes()); // EV_CURRENT
+    elf.extend_from_slice(&load.to_le_bytes()); // e_entry
+    elf.extend_from_slice(&(EHDR as u64).to_le_bytes()); // e_phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    elf.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    elf.extend_from_slice(&(EHDR as u16).to_le_bytes());
+    elf.extend_from_slice(&(PHDR as u16).to_le_bytes());
+    elf.extend_from_slice(&(phnum as u16).to_le_bytes());
+    elf.extend_from_slice(&[0; 6]); // no section headers
+
+    let phdr = |elf: &mut Vec<u8>, p_type: u32, off: usize, addr: u64, size: usize| {
+        elf.extend_from_slice(&p_type.to_le_bytes());
+        elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+        elf.extend_from_slice(&(off as u64).to_le_bytes());
+        elf.extend_from_slice(&addr.to_le_bytes()); // vaddr
+        elf.extend_from_slice(&addr.to_le_bytes()); // paddr
+        elf.extend_from_slice(&(size as u64).to_le_bytes()); // filesz
+        elf.extend_from_slice(&(size as u64).to_le_bytes()); // memsz
+        elf.extend_from_slice(&16u64.to_le_bytes()); // align
+    };
+    phdr(&mut elf, 1, code_off, load, code.len()); // PT_LOAD
+    if pvh_entry.is_some() {
+        phdr(&mut elf, 4, note_off, 0, note.len()); // PT_NOTE
+    }
+    elf.extend_from_slice(&note);
+    elf.resize(code_off, 0);
+    elf.extend_from_slice(code);
+    elf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_loop_branch_targets_loop_start() {
+        let code = virtio_probe_guest(0xd000_0000);
+        // movabs (10) + mov dx (4) + mov ecx (5) = loop start at 19; jnz ends at 19 + 23.
+        let jnz = 19 + 21;
+        assert_eq!(code[jnz], 0x75);
+        assert_eq!((jnz as i64 + 2) + (code[jnz + 1] as i8 as i64), 19);
+        assert_eq!(&code[2..10], &0xd000_0000u64.to_le_bytes());
+    }
+
+    #[test]
+    fn elf_layout() {
+        let elf = tiny_elf(&[0x90, 0xf4], 0x10_0000, Some(0x10_0000));
+        assert_eq!(&elf[..4], b"\x7fELF");
+        assert_eq!(u16::from_le_bytes([elf[56], elf[57]]), 2, "phnum");
+        assert_eq!(&elf[elf.len() - 2..], &[0x90, 0xf4]);
+    }
+}
