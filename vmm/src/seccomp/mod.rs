@@ -155,7 +155,19 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
                 )?])?],
             );
         }
-        ThreadKind::Main | ThreadKind::Api => {}
+        ThreadKind::Api => {
+            // std's set_nonblocking on accepted connections.
+            rules.insert(
+                libc::SYS_ioctl,
+                vec![SeccompRule::new(vec![SeccompCondition::new(
+                    1,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::Eq,
+                    libc::FIONBIO,
+                )?])?],
+            );
+        }
+        ThreadKind::Main => {}
     }
     Ok(rules)
 }
