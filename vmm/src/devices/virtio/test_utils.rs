@@ -65,6 +65,11 @@ impl<'a> TestQueue<'a> {
         }
     }
 
+    /// Number of entries.
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
     /// A device-side queue configured like a driver would (ready, addresses set).
     pub fn queue(&self) -> Queue {
         self.mock.create_queue().unwrap()
@@ -177,4 +182,37 @@ impl EventLoopCtl for RecordingCtl {
     fn remove(&mut self, fd: RawFd) {
         self.fds.remove(&fd);
     }
+}
+
+/// Drive `transport` through a complete Linux-style initialisation with `queues`
+/// (ACKNOWLEDGE, DRIVER, VERSION_1, FEATURES_OK, queue setup, DRIVER_OK).
+pub fn driver_init(transport: &mut super::MmioTransport, queues: &[&TestQueue]) {
+    use crate::devices::BusDevice;
+    let mut w = |offset: u64, value: u32| transport.write(offset, &value.to_le_bytes());
+    w(0x70, 1);
+    w(0x70, 3);
+    w(0x24, 1);
+    w(0x20, 1); // VIRTIO_F_VERSION_1 (bit 32)
+    w(0x24, 0);
+    w(0x20, 0);
+    w(0x70, 11);
+    for (index, q) in queues.iter().enumerate() {
+        let split = |a: GuestAddress| (a.0 as u32, (a.0 >> 32) as u32);
+        w(0x30, index as u32);
+        w(0x38, u32::from(q.size()));
+        let (lo, hi) = split(q.mock.desc_table_addr());
+        w(0x80, lo);
+        w(0x84, hi);
+        let (lo, hi) = split(q.mock.avail_addr());
+        w(0x90, lo);
+        w(0x94, hi);
+        let (lo, hi) = split(q.mock.used_addr());
+        w(0xa0, lo);
+        w(0xa4, hi);
+        w(0x44, 1);
+    }
+    w(0x70, 15);
+    let mut status = [0u8; 4];
+    transport.read(0x70, &mut status);
+    assert_eq!(u32::from_le_bytes(status), 15, "device refused DRIVER_OK");
 }
