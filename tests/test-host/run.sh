@@ -14,6 +14,7 @@
 # VMMs (the test host prints them), and where the full serial log is kept.
 #
 # Environment: PALISADE_TEST_HOST_VERBOSE=1 prints every scenario's logs even when it passes;
+# PALISADE_TEST_HOST_EXTRA_APPEND adds scenario knobs to the test host's kernel command line;
 # PALISADE_TEST_HOST_SKIP_BUILD=1 reuses the last image; PALISADE_TEST_HOST_SMP (default 2)
 # and PALISADE_TEST_HOST_MEM_MIB (default 2048) size the test host. Needs no root: QEMU TCG
 # needs no /dev/kvm.
@@ -73,6 +74,8 @@ for s in "${selected[@]}"; do
 done
 append="console=ttyS0 panic=-1 quiet palisade.scenarios=$spec"
 [[ ${PALISADE_TEST_HOST_VERBOSE:-0} == 1 ]] && append+=" palisade.verbose=1"
+# Scenario knobs, e.g. palisade.bench_rounds=9 (tests/bench/vm-boot-vs-qemu.sh sets it).
+append+=${PALISADE_TEST_HOST_EXTRA_APPEND:+ $PALISADE_TEST_HOST_EXTRA_APPEND}
 
 mkdir -p "$out/logs"
 log="$out/logs/$(date -u +%Y%m%dT%H%M%SZ)-$(IFS=-; echo "${selected[*]}" | cut -c1-60).log"
