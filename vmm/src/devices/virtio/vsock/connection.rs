@@ -25,7 +25,7 @@ use vm_memory::{ReadVolatile, VolatileSlice, WriteVolatile};
 
 use super::packet::{
     HOST_CID, MAX_PKT_DATA, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RW,
-    OP_SHUTDOWN, SHUTDOWN_BOTH, SHUTDOWN_RCV, TYPE_STREAM,
+    OP_SHUTDOWN, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
 };
 
 /// Receive buffer we advertise per connection (guest → host direction).
@@ -52,7 +52,8 @@ pub enum ConnState {
     LocalInit,
     /// Data flows both ways.
     Established,
-    /// The host peer closed its side; SHUTDOWN sent to the guest, waiting for its RST.
+    /// The host peer stopped sending; SHUTDOWN sent to the guest. The guest may still
+    /// send (to a half-closed peer) until it closes with SHUTDOWN or RST.
     Closing,
 }
 
@@ -101,6 +102,8 @@ pub struct Connection {
     pub queued: bool,
     pending: u8,
     host_readable: bool,
+    /// The host peer closed both directions (EPOLLHUP), not just its sending side.
+    host_hung_up: bool,
     peer_shutdown: u32,
     // guest → host
     tx_buf: VecDeque<u8>,
@@ -125,6 +128,7 @@ impl Connection {
             queued: false,
             pending,
             host_readable: state == ConnState::Established,
+            host_hung_up: false,
             peer_shutdown: 0,
             tx_buf: VecDeque::new(),
             tx_uncounted: 0,
@@ -186,6 +190,12 @@ impl Connection {
         self.host_readable = true;
     }
 
+    /// The host peer closed the stream entirely.
+    pub fn set_host_hung_up(&mut self) {
+        self.host_hung_up = true;
+        self.host_readable = true;
+    }
+
     /// The guest accepted a host-initiated connection: tell the host peer which port it
     /// got, and start moving data.
     pub fn establish(&mut self) -> Result<(), ConnError> {
@@ -201,7 +211,7 @@ impl Connection {
     /// the connection should be reset (how virtio-vsock completes a close).
     pub fn peer_shutdown(&mut self, flags: u32) -> bool {
         self.peer_shutdown |= flags & SHUTDOWN_BOTH;
-        if self.peer_shutdown & super::packet::SHUTDOWN_SEND != 0 {
+        if self.peer_shutdown & SHUTDOWN_SEND != 0 {
             self.shutdown_host_write = true;
             // Whatever the guest sent before is still delivered if the host takes it now.
             if let Err(e) = self.flush_to_host() {
@@ -342,11 +352,17 @@ impl Connection {
                     .map_err(|e| io::Error::other(e.to_string()))?;
                 match self.stream.read_volatile(&mut buf) {
                     Ok(0) => {
-                        // The host peer closed: tell the guest both directions are done
-                        // and wait for its RST.
+                        // The host peer will send no more. If it only half-closed it may
+                        // still read the guest's answer, so only a full hang-up closes
+                        // both directions; the guest completes the close with RST.
                         self.host_readable = false;
                         self.state = ConnState::Closing;
-                        return Ok(Some((OP_SHUTDOWN, SHUTDOWN_BOTH, 0)));
+                        let flags = if self.host_hung_up {
+                            SHUTDOWN_BOTH
+                        } else {
+                            SHUTDOWN_SEND
+                        };
+                        return Ok(Some((OP_SHUTDOWN, flags, 0)));
                     }
                     Ok(n) => {
                         self.rx_cnt += Wrapping(n as u32);

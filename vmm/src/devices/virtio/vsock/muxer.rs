@@ -461,7 +461,9 @@ impl Muxer {
             debug!("vsock: host stream of {key:?} reported an error");
             return self.kill(key, ctl);
         }
-        if events.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP) {
+        if events.contains(EventSet::HANG_UP) {
+            conn.set_host_hung_up();
+        } else if events.intersects(EventSet::IN | EventSet::READ_HANG_UP) {
             conn.set_host_readable();
         }
         if events.contains(EventSet::OUT) {

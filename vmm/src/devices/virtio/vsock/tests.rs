@@ -578,6 +578,26 @@ fn host_close_sends_shutdown_and_guest_rst_removes() {
 }
 
 #[test]
+fn host_half_close_still_delivers_the_guest_answer() {
+    let mut h = Harness::new();
+    let (mut host, local) = h.established_host_connection(1024);
+    host.write_all(b"request").unwrap();
+    host.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(h.recv_op(OP_RW).data, b"request");
+    let shut = h.recv_op(OP_SHUTDOWN);
+    assert_eq!(shut.flags, SHUTDOWN_SEND);
+    h.send(&Pkt::guest(OP_RW, 1024, local).with_data(b"answer"));
+    assert_eq!(read_exactly(&mut host, 6), b"answer");
+    // The guest closes: full SHUTDOWN, answered with RST; the host peer sees EOF.
+    let mut close = Pkt::guest(OP_SHUTDOWN, 1024, local);
+    close.flags = SHUTDOWN_BOTH;
+    h.send(&close);
+    assert_eq!(h.recv_op(OP_RST).dst_port, 1024);
+    assert_eof(&mut host);
+    assert_eq!(h.connections(), 0);
+}
+
+#[test]
 fn host_to_guest_respects_guest_credit() {
     let mut h = Harness::new();
     let mut host = h.host_connect(1024);
