@@ -202,14 +202,19 @@ pub struct Cli {
     #[arg(long, value_name = "N")]
     pub vcpus: Option<u8>,
     /// Guest memory in MiB (≥ 16). [default: 128]
-    #[arg(long, value_name = "MIB")]
+    #[arg(long, value_name = "MIB", visible_alias = "memory-mib")]
     pub mem_mib: Option<u64>,
     /// Guest context id of the virtio-vsock device (≥ 3). Requires --vsock-uds.
     #[arg(long, value_name = "CID", requires = "vsock_uds")]
     pub vsock_cid: Option<u32>,
     /// Host Unix socket of the hybrid vsock device: connect and send "CONNECT <port>\n" to
     /// reach a guest port; guest connections to port P go to "<PATH>_P". Requires --vsock-cid.
-    #[arg(long, value_name = "PATH", requires = "vsock_cid")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "vsock_cid",
+        visible_alias = "vsock-socket"
+    )]
     pub vsock_uds: Option<PathBuf>,
     /// Add a virtio-blk device backed by a raw image: "path=<PATH>[,ro][,id=<ID>]"
     /// (id: ≤ 20-byte serial). Repeat for more disks; the guest sees them as vda, vdb, ...
@@ -439,7 +444,7 @@ mod tests {
             "/k",
             "--vcpus",
             "2",
-            "--mem-mib",
+            "--memory-mib",
             "256",
             "--vsock-cid",
             "3",

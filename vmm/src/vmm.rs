@@ -22,6 +22,7 @@ use crate::config::{BlockSpec, SerialOutput, VmConfig, VsockSpec};
 use crate::devices::bus::SharedDevice;
 use crate::devices::legacy::{self, ResetCallback, ResetControl, Serial, SerialInput, Sink, I8042};
 use crate::devices::virtio::block::{BlockConfig, BlockDevice};
+use crate::devices::virtio::vsock::{VsockConfig, VsockDevice};
 use crate::devices::virtio::MmioTransport;
 use crate::devices::{Bus, BusError, MmioSlot, VirtioMmioDevice};
 use crate::event_loop::{EventLoop, EventLoopError, EventLoopStopper};
@@ -569,9 +570,20 @@ fn build_block(mem: &GuestMemoryMmap, spec: &BlockSpec) -> Result<ExtraDevice, V
     Ok(Box::new(transport))
 }
 
-fn build_vsock(_mem: &GuestMemoryMmap, spec: &VsockSpec) -> Result<ExtraDevice, VmmError> {
-    Err(VmmError::Device {
-        what: format!("virtio-vsock (cid {})", spec.guest_cid),
-        reason: "the virtio-vsock device is not available in this build".into(),
+fn build_vsock(mem: &GuestMemoryMmap, spec: &VsockSpec) -> Result<ExtraDevice, VmmError> {
+    let err = |reason: String| VmmError::Device {
+        what: format!(
+            "virtio-vsock (cid {}, {})",
+            spec.guest_cid,
+            spec.uds_path.display()
+        ),
+        reason,
+    };
+    let device = VsockDevice::new(&VsockConfig {
+        guest_cid: u64::from(spec.guest_cid),
+        uds_path: spec.uds_path.clone(),
     })
+    .map_err(|e| err(e.to_string()))?;
+    let transport = MmioTransport::new(mem.clone(), device).map_err(|e| err(e.to_string()))?;
+    Ok(Box::new(transport))
 }

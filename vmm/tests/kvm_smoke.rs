@@ -256,3 +256,36 @@ fn bad_kernel_is_a_clear_error() {
         String::from_utf8_lossy(&out.stderr).contains("cannot open kernel /nonexistent/vmlinux")
     );
 }
+
+#[test]
+fn vsock_device_identity_and_socket_cleanup() {
+    // vsock is attached first (slot 0 at 0xd0000000), the disk second (0xd0001000).
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+    let sock = dir.path().join("v.sock");
+    for (base, device_id) in [(0xd000_0000u64, 19u32), (0xd000_1000, 2)] {
+        let kernel = write_guest(dir.path(), "probe.elf", &testing::virtio_probe_guest(base));
+        let out = run_vmm(&[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--vsock-cid",
+            "3",
+            "--vsock-uds",
+            sock.to_str().unwrap(),
+            "--block",
+            disk.to_str().unwrap(),
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let s = &out.stdout;
+        assert_eq!(s.len(), 12, "{s:x?}");
+        assert_eq!(&s[..4], b"virt");
+        assert_eq!(u32::from_le_bytes(s[8..12].try_into().unwrap()), device_id);
+        assert!(!sock.exists(), "vsock socket removed when the VMM exits");
+    }
+}
