@@ -13,8 +13,11 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use tracing::warn;
-use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_ID_BYTES};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
+};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::{Queue, QueueT};
 
 use super::device::{
@@ -27,6 +30,9 @@ pub use request::SECTOR_SIZE;
 
 /// Maximum descriptors in the request queue.
 pub const QUEUE_SIZE: u16 = 256;
+/// Data segments per request we advertise: a request also needs a header and a status
+/// descriptor, and must fit the ring when the driver does not use indirect descriptors.
+const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 
 /// Errors opening a block device.
 #[derive(Debug, thiserror::Error)]
@@ -119,7 +125,12 @@ impl BlockDevice {
                 config.path.display()
             );
         }
-        let mut avail_features = 1u64 << VIRTIO_BLK_F_FLUSH;
+        // SEG_MAX: without it Linux sends one data segment per request. Indirect
+        // descriptors let a large request take one ring slot (virtio-queue follows and
+        // bounds-checks the indirect tables).
+        let mut avail_features = 1u64 << VIRTIO_BLK_F_FLUSH
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC;
         if config.read_only {
             avail_features |= 1 << VIRTIO_BLK_F_RO;
         }
@@ -129,6 +140,7 @@ impl BlockDevice {
                 size: len - len % SECTOR_SIZE,
                 read_only: config.read_only,
                 id,
+                bounce: Vec::new(),
             },
             avail_features,
             queue_sizes: [QUEUE_SIZE],
@@ -150,10 +162,13 @@ impl BlockDevice {
         self.disk.size / SECTOR_SIZE
     }
 
-    fn config_space(&self) -> [u8; 8] {
-        // struct virtio_blk_config starts with `le64 capacity`; the other fields are only
-        // read by the driver when their feature bits are offered, and none are.
-        self.capacity().to_le_bytes()
+    fn config_space(&self) -> [u8; 16] {
+        // struct virtio_blk_config { le64 capacity; le32 size_max; le32 seg_max; ... }:
+        // later fields are only read when their feature bits are offered, and none are.
+        let mut config = [0u8; 16];
+        config[..8].copy_from_slice(&self.capacity().to_le_bytes());
+        config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        config
     }
 }
 
@@ -220,7 +235,7 @@ impl VirtioDevice for BlockDevice {
         let mut completed = false;
         while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
             let head = chain.head_index();
-            let used_len = request::process(&self.disk, &active.mem, chain);
+            let used_len = request::process(&mut self.disk, &active.mem, chain);
             if let Err(e) = active.queue.add_used(&active.mem, head, used_len) {
                 warn!("virtio-blk: cannot complete request {head}: {e}");
             }

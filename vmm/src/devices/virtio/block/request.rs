@@ -36,6 +36,8 @@ pub(super) struct Disk {
     pub read_only: bool,
     /// The answer to `VIRTIO_BLK_T_GET_ID`.
     pub id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    /// Reused between requests; grows to at most `MAX_CHUNK`.
+    pub bounce: Vec<u8>,
 }
 
 /// Why a request failed; mapped to a status byte.
@@ -68,7 +70,7 @@ impl RequestError {
 /// device-writable buffers (data + status), for the used ring. A chain without a writable
 /// status byte cannot be answered: it is completed with length 0.
 pub(super) fn process(
-    disk: &Disk,
+    disk: &mut Disk,
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
 ) -> u32 {
@@ -109,7 +111,7 @@ pub(super) fn process(
 }
 
 fn execute(
-    disk: &Disk,
+    disk: &mut Disk,
     mut reader: Reader<'_>,
     writer: &mut Writer<'_>,
 ) -> Result<(), RequestError> {
@@ -196,15 +198,14 @@ fn checked_range(disk: &Disk, sector: u64, len: usize) -> Result<u64, RequestErr
 }
 
 fn read_to_guest(
-    disk: &Disk,
+    disk: &mut Disk,
     mut offset: u64,
     len: usize,
     writer: &mut Writer<'_>,
 ) -> Result<(), RequestError> {
-    let mut buf = vec![0u8; len.min(MAX_CHUNK)];
     let mut remaining = len;
     while remaining > 0 {
-        let chunk = &mut buf[..remaining.min(MAX_CHUNK)];
+        let chunk = bounce(&mut disk.bounce, remaining);
         disk.file
             .read_exact_at(chunk, offset)
             .map_err(RequestError::Io)?;
@@ -216,15 +217,14 @@ fn read_to_guest(
 }
 
 fn write_from_guest(
-    disk: &Disk,
+    disk: &mut Disk,
     mut offset: u64,
     len: usize,
     reader: &mut Reader<'_>,
 ) -> Result<(), RequestError> {
-    let mut buf = vec![0u8; len.min(MAX_CHUNK)];
     let mut remaining = len;
     while remaining > 0 {
-        let chunk = &mut buf[..remaining.min(MAX_CHUNK)];
+        let chunk = bounce(&mut disk.bounce, remaining);
         reader
             .read_exact(chunk)
             .map_err(RequestError::GuestBuffer)?;
@@ -235,4 +235,13 @@ fn write_from_guest(
         remaining -= chunk.len();
     }
     Ok(())
+}
+
+/// A slice of the bounce buffer for the next `remaining` bytes (at most `MAX_CHUNK`).
+fn bounce(buf: &mut Vec<u8>, remaining: usize) -> &mut [u8] {
+    let len = remaining.min(MAX_CHUNK);
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    &mut buf[..len]
 }

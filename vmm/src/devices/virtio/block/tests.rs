@@ -345,6 +345,10 @@ fn config_space_reports_capacity() {
     word.fill(0);
     device.read_config(4, &mut word);
     assert_eq!(word, [0; 4]);
+    let mut seg_max = [0u8; 4];
+    device.read_config(12, &mut seg_max);
+    assert_eq!(u32::from_le_bytes(seg_max), u32::from(QUEUE_SIZE) - 2);
+    assert_ne!(device.avail_features() & (1 << VIRTIO_BLK_F_SEG_MAX), 0);
     let mut far = [0u8; 4];
     device.read_config(u64::MAX, &mut far);
     assert_eq!(far, [0; 4]);
@@ -383,4 +387,56 @@ fn reset_then_reactivate() {
         h.device.activate(none),
         Err(ActivateError::QueueCount { .. })
     ));
+}
+
+#[test]
+fn indirect_descriptor_tables_are_followed_and_checked() {
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+
+    let mem = test_memory(0x40_0000);
+    let image = disk_image();
+    let q = TestQueue::new(&mem, 0, 16);
+    let mut h = start(&mem, &q, image.path(), false);
+    let table = 0x38_0000u64;
+    let write_table = |descs: &[(u64, u32, u32)]| {
+        for (i, &(addr, len, flags)) in descs.iter().enumerate() {
+            let next_flag = if i + 1 < descs.len() {
+                VRING_DESC_F_NEXT
+            } else {
+                0
+            };
+            let d = SplitDescriptor::new(addr, len, (flags | next_flag) as u16, i as u16 + 1);
+            mem.write_obj(RawDescriptor::from(d), GuestAddress(table + 16 * i as u64))
+                .unwrap();
+        }
+    };
+
+    // header, two data segments, status: all in one indirect table.
+    write_header(&mem, VIRTIO_BLK_T_IN, 9);
+    write_table(&[
+        (HDR, 16, 0),
+        (DATA, 512, VRING_DESC_F_WRITE),
+        (DATA + 0x1000, 512, VRING_DESC_F_WRITE),
+        (STATUS, 1, VRING_DESC_F_WRITE),
+    ]);
+    q.store_desc(3, table, 4 * 16, VRING_DESC_F_INDIRECT as u16, 0);
+    q.publish(3);
+    h.run();
+    let mut q = q;
+    assert_eq!(q.next_used(), Some((3, 1025)));
+    assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
+    let mut second = [0u8; 512];
+    mem.read_slice(&mut second, GuestAddress(DATA + 0x1000))
+        .unwrap();
+    assert!(second.iter().all(|&b| b == 10));
+
+    // A table whose length is not a multiple of 16, and one outside guest memory: the
+    // chain yields nothing, so there is no status to write.
+    for (addr, len) in [(table, 4 * 16 + 3), (0x40_0000 - 16, 4 * 16)] {
+        q.store_desc(4, addr, len, VRING_DESC_F_INDIRECT as u16, 0);
+        q.publish(4);
+        h.run();
+        assert_eq!(q.next_used(), Some((4, 0)));
+    }
 }
