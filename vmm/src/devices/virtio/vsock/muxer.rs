@@ -98,7 +98,7 @@ impl Muxer {
             source,
         };
         let listener = UnixListener::bind(uds_path).map_err(bind_err)?;
-        if let Err(e) = listener.set_nonblocking(true) {
+        if let Err(e) = set_nonblocking(&listener) {
             let _ = std::fs::remove_file(uds_path);
             return Err(bind_err(e));
         }
@@ -311,7 +311,7 @@ impl Muxer {
     ) -> Result<(), crate::event_loop::EventLoopError> {
         let key = conn.key;
         let fd = conn.stream.as_raw_fd();
-        if let Err(e) = conn.stream.set_nonblocking(true) {
+        if let Err(e) = set_nonblocking(&conn.stream) {
             return Err(crate::event_loop::EventLoopError::Register { fd, source: e });
         }
         ctl.add(fd, stream_events())?;
@@ -362,7 +362,7 @@ impl Muxer {
                 continue;
             }
             let fd = stream.as_raw_fd();
-            if stream.set_nonblocking(true).is_err() {
+            if set_nonblocking(&stream).is_err() {
                 continue;
             }
             match ctl.add(fd, EventSet::IN) {
@@ -537,6 +537,22 @@ impl Drop for Muxer {
         // The socket file is ours: leave nothing behind.
         let _ = std::fs::remove_file(&self.uds_path);
     }
+}
+
+/// Make `fd` non-blocking with `fcntl`: std's `set_nonblocking` on sockets is an
+/// `ioctl(FIONBIO)`, which the event-loop thread's seccomp filter does not allow.
+fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
+    let fd = fd.as_raw_fd();
+    // SAFETY: F_GETFL on an fd owned by the caller; no memory is shared with the kernel.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above, F_SETFL with an integer argument.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// `CONNECT <port>` (the newline already stripped; a trailing `\r` tolerated).

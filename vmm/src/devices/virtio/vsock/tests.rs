@@ -112,7 +112,13 @@ struct Harness {
     evq: TestQueue<'static>,
     transport: MmioTransport,
     device: Arc<Mutex<VsockDevice>>,
-    el: EventLoop,
+    /// The device event loop, driven by the test thread; `None` once it runs on its own
+    /// (seccomp-filtered) thread.
+    el: Option<EventLoop>,
+    el_thread: Option<(
+        crate::event_loop::EventLoopStopper,
+        std::thread::JoinHandle<Result<(), crate::event_loop::EventLoopError>>,
+    )>,
     rx_posted: HashMap<u32, RxBuf>,
     rx_slot: u64,
     tx_slot: u64,
@@ -149,7 +155,8 @@ impl Harness {
             evq: TestQueue::new(mem, 0x2_0000, 64),
             transport,
             device,
-            el,
+            el: Some(el),
+            el_thread: None,
             rx_posted: HashMap::new(),
             rx_slot: 0,
             tx_slot: 0,
@@ -159,6 +166,36 @@ impl Harness {
             _dir: dir,
             uds,
         }
+    }
+
+    /// Like [`Harness::new`], with the event loop on its own thread under the VMM's
+    /// event-loop seccomp filter, as in production.
+    fn with_seccomp() -> Self {
+        let mut h = Self::inactive();
+        let filters = crate::seccomp::Filters::compile().unwrap();
+        let filter = filters.get(crate::seccomp::ThreadKind::EventLoop);
+        let el = h.el.take().unwrap();
+        let stopper = el.stopper().unwrap();
+        let thread = el
+            .spawn("vsock-test-evloop", move || {
+                crate::seccomp::apply(&filter).unwrap();
+                Ok(())
+            })
+            .unwrap();
+        h.el_thread = Some((stopper, thread));
+        h.activate();
+        h
+    }
+
+    /// One round of device work (or a short wait for the device thread), then collect.
+    fn step(&mut self) {
+        match self.el.as_mut() {
+            Some(el) => {
+                el.run_once(5).unwrap();
+            }
+            None => std::thread::sleep(Duration::from_millis(1)),
+        }
+        self.collect();
     }
 
     fn activate(&mut self) {
@@ -211,8 +248,7 @@ impl Harness {
     fn spin(&mut self, d: Duration) {
         let deadline = Instant::now() + d;
         while Instant::now() < deadline {
-            self.el.run_once(5).unwrap();
-            self.collect();
+            self.step();
         }
     }
 
@@ -245,8 +281,7 @@ impl Harness {
     fn recv(&mut self) -> Pkt {
         let deadline = Instant::now() + Duration::from_secs(5);
         while self.inbox.is_empty() && Instant::now() < deadline {
-            self.el.run_once(5).unwrap();
-            self.collect();
+            self.step();
         }
         self.inbox.pop_front().expect("no packet from the device")
     }
@@ -332,6 +367,16 @@ impl Harness {
         let line = read_line(&mut host);
         assert_eq!(line, format!("OK {local}\n"));
         (host, local)
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some((stopper, thread)) = self.el_thread.take() {
+            stopper.stop();
+            // A seccomp violation would have ended the process; a panic shows here.
+            thread.join().unwrap().unwrap();
+        }
     }
 }
 
@@ -866,4 +911,41 @@ fn queue_notify_events_and_irq_are_exposed() {
     let evts = h.transport.queue_notify_events().unwrap();
     assert_eq!(evts.iter().map(|e| e.0).collect::<Vec<_>>(), vec![0, 1, 2]);
     h.transport.interrupt_event().unwrap();
+}
+
+/// The vsock paths (accept, CONNECT parsing, connect to `<uds>_<port>`, non-blocking
+/// setup, reads/writes, shutdown, close) under the event-loop thread's real seccomp
+/// filter. A syscall missing from the allow-list kills the test process with
+/// "palisade-vmm: seccomp: blocked syscall N".
+#[test]
+fn works_under_the_event_loop_seccomp_filter() {
+    let mut h = Harness::with_seccomp();
+    let (mut host, local) = h.established_host_connection(1024);
+    host.write_all(b"to guest").unwrap();
+    assert_eq!(h.recv_op(OP_RW).data, b"to guest");
+    h.send(&Pkt::guest(OP_RW, 1024, local).with_data(b"to host"));
+    assert_eq!(read_exactly(&mut host, 7), b"to host");
+    drop(host);
+    assert_eq!(h.recv_op(OP_SHUTDOWN).flags, SHUTDOWN_BOTH);
+    h.send(&Pkt::guest(OP_RST, 1024, local));
+
+    let listener = UnixListener::bind(format!("{}_77", h.uds.display())).unwrap();
+    h.send(&Pkt::guest(OP_REQUEST, 4000, 77));
+    let (mut peer, _) = listener.accept().unwrap();
+    assert_eq!(h.recv_op(OP_RESPONSE).dst_port, 4000);
+    let mut shut = Pkt::guest(OP_SHUTDOWN, 4000, 77);
+    shut.flags = SHUTDOWN_BOTH;
+    h.send(&Pkt::guest(OP_RW, 4000, 77).with_data(b"bye"));
+    h.send(&shut);
+    assert_eq!(h.recv_op(OP_RST).dst_port, 4000);
+    peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(read_exactly(&mut peer, 3), b"bye");
+    assert_eof(&mut peer);
+
+    h.send(&Pkt::guest(OP_REQUEST, 4001, 78));
+    assert_eq!(h.recv_op(OP_RST).dst_port, 4001);
+    let mut bad = UnixStream::connect(&h.uds).unwrap();
+    bad.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    bad.write_all(b"CONNECT nope\n").unwrap();
+    assert_eof(&mut bad);
 }
