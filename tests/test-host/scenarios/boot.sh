@@ -1,8 +1,27 @@
-# boot: palisade-vmm boots the guest vmlinux + initramfs (agent as PID 1) on the test host's
-# KVM; the agent answers its health check (Check) and GuestInfo through the VMM's
-# hybrid-vsock Unix socket; DestroySandbox resets the guest and the VMM exits 0.
+# boot: palisade-vmm boots the guest vmlinux on the test host's KVM.
+#   boot.kernel  with the rig's busybox initramfs: reaches /init, prints, resets (reboot=k →
+#                i8042) and the VMM exits 0 — the VMM and kernel alone, no agent;
+#   boot         with the guest initramfs (agent as PID 1): the agent answers its health
+#                check (Check) and GuestInfo through the VMM's hybrid-vsock Unix socket;
+#   boot.handshake / boot.refused  a second connection works, an unused port is refused;
+#   boot.shutdown  DestroySandbox resets the guest and the VMM exits 0.
 . /palisade/scenarios/lib.sh
-require palisade-vmm guest-kernel guest-initramfs
+require palisade-vmm guest-kernel
+
+out=$(th-helper spawn-until --marker PALISADE-SMOKE-GUEST-READY --timeout 60 --log "$WORK/kernel-vmm.log" --wait 30 -- \
+  palisade-vmm --kernel $GUEST_DIR/vmlinux --initrd $GUEST_DIR/smoke-initramfs.cpio --memory-mib $GUEST_MEM_MIB \
+  --cmdline "$GUEST_CMDLINE")
+ready=$(kv ready_ms "$out")
+exit_code=$(kv exit "$out")
+if [ -z "$ready" ] || [ "$ready" = none ]; then
+  fail kernel "guest never reached /init: $(echo "$out" | tr '\n' ' ')"
+elif [ "$exit_code" != 0 ]; then
+  fail kernel "guest reached /init in $ready ms but after its reset the VMM exit was '$exit_code' (want 0)"
+else
+  pass kernel "busybox /init ran $ready ms after VMM start ($(grep -o 'cpus=.*' "$WORK/kernel-vmm.log" | head -1 | tr -d '\r')); guest reset → exit 0 at $(kv total_ms "$out") ms"
+fi
+
+require guest-initramfs
 
 vmm_start boot
 if ! agent_wait_ready 60; then
