@@ -251,9 +251,11 @@ impl Vmm {
             // The receiver is gone only once the VM is being torn down.
             let _ = lock(&reset_tx).send(VmmEvent::GuestReset);
         });
+        let kbd_irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+        vm.register_irqfd(&kbd_irq, legacy::KBD_IRQ)?;
         let (base, len) = legacy::ports::I8042;
         io_bus.insert(
-            Arc::new(Mutex::new(I8042::new(on_reset.clone()))),
+            Arc::new(Mutex::new(I8042::new(on_reset.clone(), Some(kbd_irq)))),
             base,
             len,
         )?;

@@ -1,4 +1,4 @@
-//! Legacy PC devices on the port-I/O bus: 8250 serial, i8042 (for the reset line), the
+//! Legacy PC devices on the port-I/O bus: 8250 serial, i8042 (keyboard controller and reset line), the
 //! 0xcf9 reset control register, and a sink for ports Linux pokes harmlessly.
 
 mod i8042;
@@ -23,6 +23,8 @@ pub mod ports {
 
 /// COM1's interrupt line.
 pub const COM1_IRQ: u32 = 4;
+/// The i8042 keyboard interrupt line.
+pub const KBD_IRQ: u32 = 1;
 
 /// Accepts writes and reads as "nothing here" (all ones), without logging: for ports the
 /// guest touches on every boot (port 0x80 I/O delays) where an unhandled-exit log line per
