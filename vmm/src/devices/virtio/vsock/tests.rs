@@ -949,3 +949,29 @@ fn works_under_the_event_loop_seccomp_filter() {
     bad.write_all(b"CONNECT nope\n").unwrap();
     assert_eof(&mut bad);
 }
+
+#[test]
+fn guest_connect_to_a_host_listener_with_a_full_backlog_is_refused_not_blocking() {
+    let mut h = Harness::new();
+    let path = format!("{}_60", h.uds.display());
+    let _listener = UnixListener::bind(&path).unwrap();
+    // Nobody accepts: fill the listener's backlog.
+    let mut queued = Vec::new();
+    loop {
+        match super::muxer::connect_nonblocking(std::path::Path::new(&path)) {
+            Ok(s) => queued.push(s),
+            Err(e) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}");
+                break;
+            }
+        }
+        assert!(queued.len() < 100_000, "backlog never filled");
+    }
+    let started = Instant::now();
+    h.send(&Pkt::guest(OP_REQUEST, 4100, 60));
+    assert_eq!(h.recv_op(OP_RST).dst_port, 4100);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // Paths that cannot be Unix socket addresses are refused too.
+    let long = std::path::PathBuf::from("/".repeat(200));
+    assert!(super::muxer::connect_nonblocking(&long).is_err());
+}
