@@ -141,7 +141,7 @@ bin_dir="$target_dir/x86_64-unknown-linux-gnu/release"
 guest_kernel="$build_dir/guest-kernel/vmlinux"
 if [[ $prebuilt != 1 && -x $repo/guest-kernel/build.sh ]]; then
   log "guest kernel: guest-kernel/build.sh (skips itself when up to date)"
-  "$repo/guest-kernel/build.sh" >&2 || die "guest-kernel/build.sh failed"
+  BUILD_DIR="$build_dir/guest-kernel" "$repo/guest-kernel/build.sh" >&2 || die "guest-kernel/build.sh failed"
 fi
 if [[ -f $guest_kernel ]]; then
   component guest-kernel ok "$guest_kernel"
@@ -152,7 +152,8 @@ fi
 guest_initramfs="$build_dir/guest/initramfs.cpio.gz"
 if [[ $prebuilt != 1 && -x $repo/agent/build-initramfs.sh ]]; then
   log "guest initramfs: agent/build-initramfs.sh"
-  "$repo/agent/build-initramfs.sh" >&2 || die "agent/build-initramfs.sh failed"
+  CARGO_TARGET_DIR=$target_dir "$repo/agent/build-initramfs.sh" "$guest_initramfs" >&2 ||
+    die "agent/build-initramfs.sh failed"
 fi
 if [[ -f $guest_initramfs ]]; then
   component guest-initramfs ok "$guest_initramfs"
@@ -225,7 +226,7 @@ for applet in sh echo cat uname hostname sleep ls id true false; do
   ln -s busybox "$rootfs_dir/bin/$applet"
 done
 mkdir -p "$root/palisade/container"
-mkfs.ext4 -q -F -L palisade-rootfs -d "$rootfs_dir" "$root/palisade/container/rootfs.ext4" 16M ||
+mkfs.ext4 -q -F -L palisade-rootfs -d "$rootfs_dir" "$root/palisade/container/rootfs.ext4" 16M >/dev/null ||
   die "mkfs.ext4 -d failed (apt-get install e2fsprogs)"
 rm -rf "$rootfs_dir"
 cp "$here/container/config.json" "$root/palisade/container/config.json"

@@ -44,8 +44,9 @@ finish() { exit "${FAILED:-0}"; }
 # --- palisade-vmm + agent ---------------------------------------------------------------
 AGENT_PORT=1024
 AGENT_SERVICE=palisade.agent.v1.Agent
-# The line the agent prints on the console once it serves (guest-ready for the benchmark).
-AGENT_READY_MARKER="palisade-agent: ready"
+# The line the agent logs on the console once its ttrpc server listens (agent/src/main.rs):
+# guest-ready for the benchmark.
+AGENT_READY_MARKER="palisade-agent serving"
 # The guest kernel command line, the same for every VMM: reboot=k makes a guest reset go
 # through the i8042, which palisade-vmm turns into a clean exit (no ACPI in the guest).
 GUEST_CMDLINE="console=ttyS0 reboot=k panic=-1 quiet"
@@ -69,11 +70,12 @@ vmm_start() {
   VMM_PID=$!
 }
 
-# agent CALL [FIELD...]: one ttrpc call to the agent through the VMM's socket.
+# agent CALL [FIELD...]: one ttrpc call to the agent through the VMM's socket
+# ($AGENT_TIMEOUT seconds for the connection and the answer, default 30).
 agent() {
   method=$1
   shift
-  th-helper ttrpc --timeout 30 "$VMM_SOCK" $AGENT_PORT $AGENT_SERVICE "$method" "$@"
+  th-helper ttrpc --timeout "${AGENT_TIMEOUT:-30}" "$VMM_SOCK" $AGENT_PORT $AGENT_SERVICE "$method" "$@"
 }
 
 # agent_wait_ready TIMEOUT_S: polls Check until the agent answers; sets AGENT_READY_MS (since
@@ -85,7 +87,9 @@ agent_wait_ready() {
       CHECK_OUT="the VMM exited before the agent answered"
       return 1
     fi
-    if [ -S "$VMM_SOCK" ] && CHECK_OUT=$(agent Check 2>&1); then
+    # Short per-attempt timeout: before the guest's vsock driver is up a CONNECT may get
+    # no answer at all.
+    if [ -S "$VMM_SOCK" ] && CHECK_OUT=$(AGENT_TIMEOUT=3 agent Check 2>&1); then
       AGENT_READY_MS=$(($(now_ms) - VMM_START_MS))
       return 0
     fi
