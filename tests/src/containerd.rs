@@ -25,6 +25,58 @@ use crate::image::{ImageConfig, OciImage};
 /// How long containerd may take to serve its socket after it is spawned.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long one `ctr` invocation may take before the test fails (instead of hanging).
+pub const CTR_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs `cmd` to completion like `Command::output`, but kills it after `timeout`.
+pub fn output_within(cmd: &mut Command, timeout: Duration) -> Result<Output> {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{cmd:?} did not finish within {timeout:?}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    Ok(Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
+}
+
 /// The runtime type of palisade's shim.
 pub const PALISADE_RUNTIME: &str = "io.containerd.palisade.v2";
 
@@ -190,7 +242,7 @@ oom_score = 0
             fs::create_dir_all(&cni_conf)?;
             // A unique bridge and subnet per instance would need coordination between
             // parallel tests; a per-pid bridge name and a /24 derived from it is enough.
-            let n = std::process::id() % 200 + 20;
+            let n = self.cni_index();
             fs::write(
                 cni_conf.join("10-palisade.conflist"),
                 format!(
@@ -232,6 +284,7 @@ oom_score = 0
       runtime_type = "io.containerd.runc.v2"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{handler}]
       runtime_type = "{runtime}"
+      pod_annotations = ["io.palisade.*"]
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{bin}"
     conf_dir = "{conf}"
@@ -246,6 +299,11 @@ oom_score = 0
         }
         fs::write(self.dir().join("config.toml"), config).context("writing config.toml")?;
         Ok(())
+    }
+
+    /// Bridge `pal<N>` and subnet `10.<N>.0.0/24` of this instance's CNI network.
+    fn cni_index(&self) -> u32 {
+        std::process::id() % 200 + 20
     }
 
     fn spawn_daemon(&mut self) -> Result<()> {
@@ -327,9 +385,8 @@ oom_score = 0
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        self.ctr_command(args)
-            .output()
-            .context("running ctr (is containerd installed?)")
+        let mut cmd = self.ctr_command(args);
+        output_within(&mut cmd, CTR_TIMEOUT)
     }
 
     /// A `ctr` command pointed at this containerd, for callers that need to spawn it.
@@ -516,7 +573,36 @@ impl Drop for Containerd {
         for mount in self.mounts_below_dir() {
             let _ = nix::mount::umount2(&mount, nix::mount::MntFlags::MNT_DETACH);
         }
+        // Per-namespace directories runtimes leave once their containers are gone: runc's
+        // (and the shim tests' palisade) state roots and the cgroup parents `/<ns>`.
+        for root in ["/run/containerd/runc", "/run/palisade-test"] {
+            let _ = fs::remove_dir_all(Path::new(root).join(&self.namespace));
+        }
+        if let Ok(controllers) = fs::read_dir("/sys/fs/cgroup") {
+            for controller in controllers.flatten() {
+                remove_cgroup_tree(&controller.path().join(&self.namespace));
+            }
+        }
+        if self.options.cri.is_some() {
+            // CNI's bridge plugin leaves the bridge it created.
+            let _ = Command::new("ip")
+                .args(["link", "del", &format!("pal{}", self.cni_index())])
+                .stderr(Stdio::null())
+                .status();
+        }
     }
+}
+
+/// Removes an (empty of processes) cgroup directory tree, children first.
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(children) = fs::read_dir(dir) {
+        for child in children.flatten() {
+            if child.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_cgroup_tree(&child.path());
+            }
+        }
+    }
+    let _ = fs::remove_dir(dir);
 }
 
 /// Mount points at or below `dir` (from /proc/self/mountinfo), deepest first.

@@ -13,7 +13,7 @@ mod common;
 use std::{path::PathBuf, time::Duration};
 
 use palisade_tests::{
-    containerd::{bin_dir, mounts_below, Containerd, Options, RuntimeUnderTest},
+    containerd::{bin_dir, mounts_below, output_within, Containerd, Options, RuntimeUnderTest},
     image::ImageConfig,
 };
 
@@ -124,7 +124,7 @@ fn many_concurrent_execs() {
                 "-c".into(),
                 format!("echo out-{n}; exit {n}"),
             ]);
-            std::thread::spawn(move || cmd.output().unwrap())
+            std::thread::spawn(move || output_within(&mut cmd, common::TIMEOUT).unwrap())
         })
         .collect();
     for (n, handle) in handles.into_iter().enumerate() {
@@ -245,6 +245,7 @@ fn shim_killed_leaves_nothing_behind() {
     let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     let shims = ctrd.shim_pids();
     assert_eq!(shims.len(), 1, "expected one shim, found {shims:?}");
+    let socket = shim_socket(shims[0]);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(shims[0]),
         nix::sys::signal::Signal::SIGKILL,
@@ -295,6 +296,11 @@ fn shim_killed_leaves_nothing_behind() {
             .exists(),
         "runtime state left behind"
     );
+    assert!(
+        !socket.exists(),
+        "shim socket {} left behind",
+        socket.display()
+    );
     // The container's cgroups (v1 hierarchies here) are gone.
     for line in cgroup.lines() {
         let mut parts = line.splitn(3, ':');
@@ -325,4 +331,19 @@ fn process_gone(pid: i32) -> bool {
         }
     }
     false
+}
+
+/// The ttrpc socket a shim serves (its `-socket unix://PATH` argument).
+fn shim_socket(pid: i32) -> PathBuf {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let socket = args
+        .windows(2)
+        .find(|w| w[0] == "-socket")
+        .map(|w| w[1].clone())
+        .unwrap_or_else(|| panic!("shim {pid} has no -socket: {args:?}"));
+    PathBuf::from(socket.trim_start_matches("unix://"))
 }
