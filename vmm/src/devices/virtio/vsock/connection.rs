@@ -221,12 +221,12 @@ impl Connection {
         self.peer_shutdown == SHUTDOWN_BOTH
     }
 
-    /// Data from the guest for the host stream.
+    /// Data from the guest for the host stream, as the guest-memory slices of one packet.
     pub fn send_to_host<B: BitmapSlice>(
         &mut self,
-        data: &VolatileSlice<'_, B>,
+        data: &[VolatileSlice<'_, B>],
     ) -> Result<(), ConnError> {
-        let len = data.len();
+        let len: usize = data.iter().map(|s| s.len()).sum();
         let buffered = self.tx_buf.len() - self.tx_uncounted;
         if buffered + len > CONN_BUF_SIZE as usize {
             return Err(ConnError::CreditOverrun {
@@ -235,20 +235,25 @@ impl Connection {
             });
         }
         let mut written = 0;
-        if self.tx_buf.is_empty() {
-            match self.stream.write_volatile(data) {
-                Ok(n) => written = n,
-                Err(vm_memory::VolatileMemoryError::IOError(e))
-                    if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(ConnError::HostWrite(io::Error::other(e.to_string()))),
+        for slice in data {
+            // Straight to the host while nothing is queued; queue the rest in order.
+            let mut done = 0;
+            if self.tx_buf.is_empty() {
+                match self.stream.write_volatile(slice) {
+                    Ok(n) => done = n,
+                    Err(vm_memory::VolatileMemoryError::IOError(e))
+                        if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(ConnError::HostWrite(io::Error::other(e.to_string()))),
+                }
             }
-        }
-        if written < len {
-            let mut rest = vec![0u8; len - written];
-            if let Ok(tail) = data.offset(written) {
-                tail.copy_to(&mut rest[..]);
+            written += done;
+            if done < slice.len() {
+                let mut rest = vec![0u8; slice.len() - done];
+                if let Ok(tail) = slice.offset(done) {
+                    tail.copy_to(&mut rest[..]);
+                }
+                self.tx_buf.extend(rest);
             }
-            self.tx_buf.extend(rest);
         }
         self.forwarded(written);
         Ok(())

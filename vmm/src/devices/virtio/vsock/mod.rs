@@ -28,7 +28,7 @@ use crate::event_loop::EventLoopCtl;
 use crate::memory::GuestMemoryMmap;
 use muxer::Muxer;
 pub use muxer::MuxerError;
-use packet::{RawHeader, HEADER_SIZE, MAX_PKT_DATA};
+use packet::{TxPacket, HEADER_SIZE, MAX_PKT_DATA};
 
 /// Queue size of each of the three queues.
 pub const QUEUE_SIZE: u16 = 256;
@@ -141,19 +141,15 @@ impl VsockDevice {
                 blocked = true;
                 break;
             }
-            let Some(mut chain) = active.txq.pop_descriptor_chain(&active.mem) else {
+            let Some(chain) = active.txq.pop_descriptor_chain(&active.mem) else {
                 break;
             };
             let head = chain.head_index();
-            let head_desc = chain.clone().next();
-            match VsockPacket::from_tx_virtq_chain(&active.mem, &mut chain, MAX_PKT_DATA) {
+            match TxPacket::parse(&active.mem, chain) {
                 Ok(pkt) => self.muxer.handle_guest_packet(&pkt, ctl),
                 Err(e) => {
                     debug!("vsock: malformed tx packet: {e}");
-                    let header = head_desc
-                        .filter(|d| !d.is_write_only() && d.len() as usize >= HEADER_SIZE)
-                        .and_then(|d| RawHeader::read(&active.mem, d.addr()));
-                    if let Some(header) = header {
+                    if let Some(header) = e.header() {
                         self.muxer.handle_bad_packet(header, ctl);
                     }
                 }

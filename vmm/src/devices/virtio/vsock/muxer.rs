@@ -24,8 +24,8 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::connection::{ConnKey, ConnState, Connection, RxFill};
 use super::packet::{
-    RawHeader, HOST_CID, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST,
-    OP_RW, OP_SHUTDOWN, TYPE_STREAM,
+    Header, TxPacket, HOST_CID, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE,
+    OP_RST, OP_RW, OP_SHUTDOWN, TYPE_STREAM,
 };
 use crate::event_loop::EventLoopCtl;
 
@@ -183,37 +183,33 @@ impl Muxer {
     }
 
     /// A packet from the guest's tx queue.
-    pub fn handle_guest_packet<B: BitmapSlice>(
-        &mut self,
-        pkt: &VsockPacket<'_, B>,
-        ctl: &mut dyn EventLoopCtl,
-    ) {
+    pub fn handle_guest_packet(&mut self, pkt: &TxPacket<'_>, ctl: &mut dyn EventLoopCtl) {
+        let hdr = &pkt.header;
         let key = ConnKey {
-            local_port: pkt.dst_port(),
-            peer_port: pkt.src_port(),
+            local_port: hdr.dst_port,
+            peer_port: hdr.src_port,
         };
-        if pkt.src_cid() != self.guest_cid {
+        if hdr.src_cid != self.guest_cid {
             debug!(
                 "vsock: dropping packet with spoofed source CID {}",
-                pkt.src_cid()
+                hdr.src_cid
             );
             return;
         }
-        if pkt.dst_cid() != HOST_CID || pkt.type_() != TYPE_STREAM {
+        if hdr.dst_cid != HOST_CID || hdr.type_ != TYPE_STREAM {
             debug!(
                 "vsock: no route to CID {} (type {}), resetting",
-                pkt.dst_cid(),
-                pkt.type_()
+                hdr.dst_cid, hdr.type_
             );
-            if pkt.op() != OP_RST {
-                self.queue_reset(pkt.dst_cid(), key);
+            if hdr.op != OP_RST {
+                self.queue_reset(hdr.dst_cid, key);
             }
             return;
         }
-        let op = pkt.op();
+        let op = hdr.op;
         let Some(conn) = self.conns.get_mut(&key) else {
             match op {
-                OP_REQUEST => self.connect_to_host(key, pkt.buf_alloc(), pkt.fwd_cnt(), ctl),
+                OP_REQUEST => self.connect_to_host(key, hdr.buf_alloc, hdr.fwd_cnt, ctl),
                 OP_RST => {}
                 _ => {
                     debug!("vsock: op {op} for unknown connection {key:?}");
@@ -222,19 +218,18 @@ impl Muxer {
             }
             return;
         };
-        conn.update_peer_credit(pkt.buf_alloc(), pkt.fwd_cnt());
+        conn.update_peer_credit(hdr.buf_alloc, hdr.fwd_cnt);
         let outcome = match (op, conn.state) {
             (OP_RESPONSE, ConnState::LocalInit) => conn.establish().map(|()| true),
-            (OP_RW, ConnState::Established | ConnState::Closing) => match pkt.data_slice() {
-                Some(data) => conn.send_to_host(data).map(|()| true),
-                None => Ok(true),
-            },
+            (OP_RW, ConnState::Established | ConnState::Closing) => {
+                conn.send_to_host(&pkt.data).map(|()| true)
+            }
             (OP_CREDIT_UPDATE, _) => Ok(true),
             (OP_CREDIT_REQUEST, _) => {
                 conn.request_credit_update();
                 Ok(true)
             }
-            (OP_SHUTDOWN, _) => Ok(!conn.peer_shutdown(pkt.flags())),
+            (OP_SHUTDOWN, _) => Ok(!conn.peer_shutdown(hdr.flags)),
             (OP_RST, _) => {
                 self.remove(key, ctl);
                 return;
@@ -256,7 +251,7 @@ impl Muxer {
 
     /// A tx packet `virtio-vsock` could not parse but whose header is readable: reset the
     /// connection it names, so the guest socket fails instead of hanging.
-    pub fn handle_bad_packet(&mut self, hdr: RawHeader, ctl: &mut dyn EventLoopCtl) {
+    pub fn handle_bad_packet(&mut self, hdr: Header, ctl: &mut dyn EventLoopCtl) {
         if hdr.src_cid != self.guest_cid || hdr.op == OP_RST {
             return;
         }

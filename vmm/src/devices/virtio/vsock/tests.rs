@@ -247,6 +247,8 @@ impl Harness {
     /// Run the event loop for up to `d`, collecting what the device sends the guest.
     fn spin(&mut self, d: Duration) {
         let deadline = Instant::now() + d;
+        // At least one round, however late this thread gets scheduled.
+        self.step();
         while Instant::now() < deadline {
             self.step();
         }
@@ -295,6 +297,26 @@ impl Harness {
                 return p;
             }
         }
+    }
+
+    /// Wait (running the device) until it closed the host stream `s`: EOF, or
+    /// ECONNRESET if it left bytes unread.
+    fn assert_closed(&mut self, s: &mut UnixStream) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        s.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 4096];
+        loop {
+            match s.read(&mut b) {
+                Ok(0) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(Instant::now() < deadline, "host stream still open");
+                    self.step();
+                }
+                other => panic!("expected the host stream to be closed, got {other:?}"),
+            }
+        }
+        s.set_nonblocking(false).unwrap();
     }
 
     fn expect_silence(&mut self) {
@@ -399,16 +421,6 @@ fn read_exactly(s: &mut UnixStream, n: usize) -> Vec<u8> {
     buf
 }
 
-/// The device closed the host stream: EOF, or ECONNRESET if it left bytes unread.
-fn assert_eof(s: &mut UnixStream) {
-    let mut b = [0u8; 16];
-    match s.read(&mut b) {
-        Ok(0) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-        other => panic!("expected the host stream to be closed, got {other:?}"),
-    }
-}
-
 #[test]
 fn config_space_and_identity() {
     let dir = tempfile::tempdir().unwrap();
@@ -511,7 +523,7 @@ fn guest_refusing_the_connection_closes_the_host_peer() {
     let mut host = h.host_connect(2000);
     let req = h.recv_op(OP_REQUEST);
     h.send(&Pkt::guest(OP_RST, 2000, req.src_port));
-    assert_eof(&mut host);
+    h.assert_closed(&mut host);
     assert_eq!(h.connections(), 0);
 }
 
@@ -528,7 +540,7 @@ fn bad_connect_lines_are_dropped() {
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         s.write_all(line).unwrap();
         h.spin(Duration::from_millis(20));
-        assert_eof(&mut s);
+        h.assert_closed(&mut s);
     }
     // A peer that connects and hangs up without a line leaves nothing behind either.
     drop(UnixStream::connect(&h.uds).unwrap());
@@ -556,7 +568,7 @@ fn guest_initiated_connection_to_uds_port() {
     let mut shut = Pkt::guest(OP_SHUTDOWN, 5000, 52);
     shut.flags = SHUTDOWN_SEND;
     h.send(&shut);
-    assert_eof(&mut host);
+    h.assert_closed(&mut host);
     host.write_all(b"late").unwrap();
     assert_eq!(h.recv_op(OP_RW).data, b"late");
 
@@ -638,7 +650,7 @@ fn host_half_close_still_delivers_the_guest_answer() {
     close.flags = SHUTDOWN_BOTH;
     h.send(&close);
     assert_eq!(h.recv_op(OP_RST).dst_port, 1024);
-    assert_eof(&mut host);
+    h.assert_closed(&mut host);
     assert_eq!(h.connections(), 0);
 }
 
@@ -898,11 +910,11 @@ fn device_reset_closes_connections() {
     assert_eq!(h.connections(), 1);
     h.transport.write(0x70, &0u32.to_le_bytes());
     assert_eq!(h.connections(), 0);
-    assert_eof(&mut host);
+    h.assert_closed(&mut host);
     // While the driver is down, host peers are turned away.
     let mut s = h.host_connect(1024);
     h.spin(Duration::from_millis(20));
-    assert_eof(&mut s);
+    h.assert_closed(&mut s);
 }
 
 #[test]
@@ -940,14 +952,14 @@ fn works_under_the_event_loop_seccomp_filter() {
     assert_eq!(h.recv_op(OP_RST).dst_port, 4000);
     peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     assert_eq!(read_exactly(&mut peer, 3), b"bye");
-    assert_eof(&mut peer);
+    h.assert_closed(&mut peer);
 
     h.send(&Pkt::guest(OP_REQUEST, 4001, 78));
     assert_eq!(h.recv_op(OP_RST).dst_port, 4001);
     let mut bad = UnixStream::connect(&h.uds).unwrap();
     bad.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     bad.write_all(b"CONNECT nope\n").unwrap();
-    assert_eof(&mut bad);
+    h.assert_closed(&mut bad);
 }
 
 #[test]
@@ -974,4 +986,81 @@ fn guest_connect_to_a_host_listener_with_a_full_backlog_is_refused_not_blocking(
     // Paths that cannot be Unix socket addresses are refused too.
     let long = std::path::PathBuf::from("/".repeat(200));
     assert!(super::muxer::connect_nonblocking(&long).is_err());
+}
+
+/// Linux 6.12.y sends payloads above ~32 KiB as page fragments: header descriptor plus
+/// one descriptor per fragment.
+#[test]
+fn payload_scattered_over_several_descriptors() {
+    let mut h = Harness::new();
+    let (mut host, local) = h.established_host_connection(1024);
+    let payload: Vec<u8> = (0..60_000).map(|i| (i % 253) as u8).collect();
+    let pkt = Pkt::guest(OP_RW, 1024, local).with_data(&payload);
+    let addr = h.tx_addr();
+    h.mem
+        .write_slice(&pkt.header(), GuestAddress(addr))
+        .unwrap();
+    // Fragments at scattered addresses: 32768 + 20000 + 7232 bytes.
+    let frags = [(0x1000u64, 32768usize), (0x10000, 20000), (0x18000, 7232)];
+    let mut off = 0;
+    let mut chain = vec![rd(addr, HEADER_SIZE as u32)];
+    for (at, len) in frags {
+        h.mem
+            .write_slice(&payload[off..off + len], GuestAddress(addr + at))
+            .unwrap();
+        chain.push(rd(addr + at, len as u32));
+        off += len;
+    }
+    h.send_chain(&chain);
+    assert_eq!(read_exactly(&mut host, payload.len()), payload);
+
+    // Header and the first bytes in one descriptor, the rest in another.
+    let pkt = Pkt::guest(OP_RW, 1024, local).with_data(b"0123456789");
+    let addr = h.tx_addr();
+    h.mem
+        .write_slice(&pkt.header(), GuestAddress(addr))
+        .unwrap();
+    h.mem
+        .write_slice(b"0123", GuestAddress(addr + HEADER_SIZE as u64))
+        .unwrap();
+    h.mem
+        .write_slice(b"456789", GuestAddress(addr + 0x1000))
+        .unwrap();
+    h.send_chain(&[rd(addr, HEADER_SIZE as u32 + 4), rd(addr + 0x1000, 6)]);
+    assert_eq!(read_exactly(&mut host, 10), b"0123456789");
+
+    // Fragments that do not add up to `len`, or include a device-writable one: RST.
+    let pkt = Pkt::guest(OP_RW, 1024, local).with_data(&[7; 9000]);
+    let addr = h.tx_addr();
+    h.mem
+        .write_slice(&pkt.header(), GuestAddress(addr))
+        .unwrap();
+    h.send_chain(&[
+        rd(addr, HEADER_SIZE as u32),
+        rd(addr + 0x1000, 4000),
+        rd(addr + 0x3000, 4000),
+    ]);
+    assert_eq!(h.recv_op(OP_RST).dst_port, 1024);
+    let (_host, local) = h.established_host_connection(1025);
+    let pkt = Pkt::guest(OP_RW, 1025, local).with_data(&[7; 9000]);
+    h.mem
+        .write_slice(&pkt.header(), GuestAddress(addr))
+        .unwrap();
+    h.send_chain(&[
+        rd(addr, HEADER_SIZE as u32),
+        rd(addr + 0x1000, 4000),
+        wr(addr + 0x3000, 5000),
+    ]);
+    assert_eq!(h.recv_op(OP_RST).dst_port, 1025);
+    let (_host, local) = h.established_host_connection(1026);
+    let pkt = Pkt::guest(OP_RW, 1026, local).with_data(&[7; 9000]);
+    h.mem
+        .write_slice(&pkt.header(), GuestAddress(addr))
+        .unwrap();
+    h.send_chain(&[
+        rd(addr, HEADER_SIZE as u32),
+        rd(addr + 0x1000, 4000),
+        rd(MEM_SIZE as u64 - 100, 5000),
+    ]);
+    assert_eq!(h.recv_op(OP_RST).dst_port, 1026);
 }
