@@ -192,13 +192,17 @@ impl Cgroup {
             .or_else(|| self.v1.first().map(|h| h.dir.as_path()))
     }
 
-    /// Creates the directories and installs the default device policy. Removes what it
-    /// made if a step fails.
+    /// Creates the directories and installs the default device policy. If a step fails,
+    /// the container directories this call created are removed again (ones that already
+    /// existed, e.g. a cgroup shared on purpose, are left as they were).
     pub fn create(&self) -> Result<(), CgroupError> {
+        let new_dirs: Vec<&Path> = self.dirs().into_iter().filter(|d| !d.exists()).collect();
         let result = self.create_inner();
         if result.is_err() {
-            if let Err(e) = self.destroy() {
-                tracing::warn!("cleaning up a half-created cgroup: {e}");
+            for dir in new_dirs {
+                if let Err(e) = remove_tree(dir) {
+                    tracing::warn!("cleaning up a half-created cgroup: {e}");
+                }
             }
         }
         result
@@ -500,5 +504,73 @@ mod tests {
             back.procs_dir(),
             Some(Path::new("/sys/fs/cgroup/k8s/pod/c"))
         );
+    }
+
+    /// Forks a child that spins until killed; returns its pid.
+    fn spinning_child() -> i32 {
+        // SAFETY: the child only spins (no allocation after fork in a threaded harness).
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            loop {
+                std::hint::spin_loop();
+            }
+        }
+        pid
+    }
+
+    /// The v2 code paths (create with controller enabling, add, cgroup.freeze, stats,
+    /// cgroup.kill + rmdir) on the real cgroup2 hierarchy, treating it as a pure v2 host.
+    /// Needs root and a cgroup2 mount (on the hybrid build hosts: /sys/fs/cgroup/unified).
+    #[test]
+    fn v2_lifecycle_on_the_real_cgroup2_hierarchy() {
+        let mounts = Mounts::read().unwrap();
+        let v2_only = Mounts {
+            v1: Vec::new(),
+            v2: Some(mounts.v2.clone().expect("a cgroup2 mount")),
+        };
+        let own = ProcessCgroups::read_self().unwrap();
+        let path = CgroupsPath::parse(
+            Some(&format!("/palisade-v2-test-{}/ctr", std::process::id())),
+            "ctr",
+        )
+        .unwrap();
+        let cg = Cgroup::resolve(&path, &v2_only, &own).unwrap();
+        assert_eq!(cg.mode(), CgroupMode::V2);
+        let dir = cg.unified().unwrap().dir.clone();
+        let parent = dir.parent().unwrap().to_path_buf();
+
+        cg.create().unwrap();
+        // Everything the root offers was enabled on the way down.
+        let offered = v2::controllers(&cg.unified().unwrap().mount_point).unwrap();
+        assert_eq!(v2::controllers(&dir).unwrap(), offered);
+
+        let pid = spinning_child();
+        let result = std::panic::catch_unwind(|| {
+            cg.add_process(pid).unwrap();
+            assert_eq!(cg.pids().unwrap(), [pid]);
+            cg.freeze().unwrap();
+            assert!(cg.is_frozen().unwrap());
+            cg.thaw().unwrap();
+            assert!(!cg.is_frozen().unwrap());
+            std::thread::sleep(Duration::from_millis(100));
+            let stats = cg.stats().unwrap();
+            assert_eq!(stats.mode, Some(CgroupMode::V2));
+            assert!(stats.cpu.usage.total_ns > 0, "{stats:?}");
+        });
+        let destroyed = cg.destroy();
+        let mut status = 0;
+        // SAFETY: reaping our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, &mut status, 0);
+        }
+        let _ = std::fs::remove_dir(&parent);
+        if let Err(panic) = result {
+            std::panic::resume_unwind(panic);
+        }
+        destroyed.unwrap();
+        assert!(!dir.exists());
+        assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL);
     }
 }
