@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use palisade_vmm::testing::{self, TINY_GUEST_LOAD};
 
 const MEM_MIB: u64 = 128;
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(20);
 
 struct Sample {
     first_byte: Duration,
@@ -54,16 +55,25 @@ fn rss(pid: u32) -> Option<(u64, u64)> {
 fn measure(mut cmd: Command) -> Result<Sample, String> {
     let start = Instant::now();
     let mut child: Child = cmd
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("spawn: {e}"))?;
     let mut stdout = child.stdout.take().ok_or("no stdout")?;
-    let mut byte = [0u8; 1];
-    let got = stdout.read(&mut byte);
-    let first_byte = start.elapsed();
-    let result = match got {
-        Ok(1) => {
+    // Read on a helper thread so a VMM that never prints cannot hang the benchmark.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut byte = [0u8; 1];
+        let got = stdout.read(&mut byte).map(|n| n == 1);
+        let _ = tx.send((got, Instant::now()));
+        // Keep the pipe open (and drained) until the VMM is killed.
+        let mut sink = [0u8; 256];
+        while matches!(stdout.read(&mut sink), Ok(n) if n > 0) {}
+    });
+    let result = match rx.recv_timeout(FIRST_BYTE_TIMEOUT) {
+        Ok((Ok(true), at)) => {
+            let first_byte = at - start;
             // Let the rest of the line arrive; the guest then spins.
             std::thread::sleep(Duration::from_millis(50));
             match rss(child.id()) {
@@ -75,7 +85,8 @@ fn measure(mut cmd: Command) -> Result<Sample, String> {
                 None => Err("cannot read smaps".to_string()),
             }
         }
-        other => Err(format!("no serial output ({other:?})")),
+        Ok((other, _)) => Err(format!("no serial output ({other:?})")),
+        Err(_) => Err(format!("no serial output within {FIRST_BYTE_TIMEOUT:?}")),
     };
     let _ = child.kill();
     let _ = child.wait();

@@ -175,10 +175,14 @@ pub struct FileConfig {
 
 /// palisade-vmm: boot a Linux guest in a KVM microVM.
 ///
-/// Exit status: 0 when the guest resets (`reboot`, with `reboot=k` on its command line the
-/// i8042 reset is used) or powers off, or on an API `shutdown`; 1 on a VMM or configuration
-/// error; 2 when the guest fails (triple fault, KVM emulation failure, crash event);
-/// 3 when the VMM is told to stop by SIGTERM/SIGINT.
+/// Exit status: 0 when the guest resets (`reboot`; put `reboot=k` on its command line so
+/// the i8042 reset is used) or powers off, or after an API `shutdown`; 1 on a VMM or
+/// configuration error; 2 when the guest fails (triple fault, KVM emulation failure, crash
+/// event); 128+N when stopped by signal N (SIGTERM, SIGINT, SIGHUP).
+///
+/// Devices: COM1 (0x3f8, IRQ 4), i8042 (0x60/0x64, IRQ 1), then virtio-mmio devices from
+/// 0xd0000000 (4 KiB apart, IRQ 5 upwards): the vsock device first, then the block
+/// devices in the order given.
 #[derive(Debug, Default, Parser)]
 #[command(name = "palisade-vmm", version, about, long_about)]
 pub struct Cli {

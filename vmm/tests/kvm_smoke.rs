@@ -289,3 +289,59 @@ fn vsock_device_identity_and_socket_cleanup() {
         assert!(!sock.exists(), "vsock socket removed when the VMM exits");
     }
 }
+
+#[test]
+fn host_vsock_peer_is_served_under_seccomp() {
+    // The guest has no vsock driver, so the device is not active: a host peer's CONNECT
+    // must not be acknowledged (the muxer holds or closes it), it is handled on the device
+    // thread within its seccomp allow-list, and the VMM keeps running.
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = write_guest(dir.path(), "spin.elf", &testing::spin_guest());
+    let sock = dir.path().join("v.sock");
+    let serial = dir.path().join("serial.log");
+    let mut child = Command::new(VMM)
+        .args([
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--vsock-cid",
+            "3",
+            "--vsock-uds",
+            sock.to_str().unwrap(),
+            "--serial-output",
+            serial.to_str().unwrap(),
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while std::fs::read(&serial).map(|s| s.is_empty()).unwrap_or(true) {
+        assert!(start.elapsed() < Duration::from_secs(10), "guest never ran");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for _ in 0..3 {
+        let mut peer = UnixStream::connect(&sock).unwrap();
+        peer.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        peer.write_all(b"CONNECT 1024\n").unwrap();
+        let mut reply = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut peer, &mut reply);
+        assert!(
+            !String::from_utf8_lossy(&reply).starts_with("OK"),
+            "no guest driver, yet the connection was accepted: {reply:?}"
+        );
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "VMM died serving a host peer"
+    );
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    wait_with_timeout(&mut child, Duration::from_secs(10));
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(128 + libc::SIGTERM),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!sock.exists());
+}

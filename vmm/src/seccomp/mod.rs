@@ -107,6 +107,9 @@ fn allowed(kind: ThreadKind) -> &'static [i64] {
             libc::SYS_sendmsg,
             libc::SYS_shutdown,
             libc::SYS_getsockopt,
+            // The vsock device removes its socket file if it is dropped here.
+            libc::SYS_unlink,
+            libc::SYS_unlinkat,
         ],
         ThreadKind::Api => &[
             libc::SYS_accept4,
