@@ -106,9 +106,11 @@ pub struct Cgroup {
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Cgroup {
-    /// Resolves the container's cgroup directories from `linux.cgroupsPath` (see
-    /// [`path`](self) semantics: absolute, relative to the caller's cgroup, or `None` for
-    /// `/palisade/<container_id>`). Reads `/proc/self/{mountinfo,cgroup}`; creates nothing.
+    /// Resolves the container's cgroup directories from `linux.cgroupsPath` with runc's
+    /// semantics: absolute (from each hierarchy's root), relative (below the caller's own
+    /// cgroup), or `None` for `/palisade/<container_id>`; `..` cannot escape, the root
+    /// itself and the systemd `slice:prefix:name` form are refused. Reads
+    /// `/proc/self/{mountinfo,cgroup}`; creates nothing.
     pub fn new(cgroups_path: Option<&str>, container_id: &str) -> Result<Cgroup, CgroupError> {
         let path = CgroupsPath::parse(cgroups_path, container_id)?;
         Self::resolve(&path, &Mounts::read()?, &ProcessCgroups::read_self()?)

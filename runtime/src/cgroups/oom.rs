@@ -27,7 +27,10 @@ use super::{fs, CgroupError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OomEvent {
     /// The cgroup ran out of memory; `kills` processes were OOM-killed since the previous
-    /// event (0 when the OOM killer is disabled or chose a victim elsewhere).
+    /// event. v1 signals the eventfd when the OOM starts, possibly before the victim is
+    /// counted, so a kill can show up in the next event (or only in
+    /// [`Cgroup::oom_kill_count`](super::Cgroup::oom_kill_count)); it is also 0 when the
+    /// OOM killer is disabled. Treat every `Oom` as an OOM event (containerd's TaskOOM).
     Oom { kills: u64 },
     /// The cgroup was removed: no further events will come.
     Removed,

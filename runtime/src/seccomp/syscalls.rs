@@ -1,8 +1,8 @@
 //! Syscall name → number tables for the architectures palisade runs on.
 //!
-//! [`TABLE`] lists every `libc::SYS_*` constant of libc 0.2 for `x86_64-unknown-linux-gnu`
+//! `TABLE` lists every `libc::SYS_*` constant of libc 0.2 for `x86_64-unknown-linux-gnu`
 //! and `aarch64-unknown-linux-gnu`, so the numbers are the kernel ABI as libc mirrors it and
-//! the compiler checks every name. [`NEWER`] adds the syscalls of Linux 6.12 that libc does
+//! the compiler checks every name. `NEWER` adds the syscalls of Linux 6.12 that libc does
 //! not define yet (numbers from the kernel's `arch/x86/entry/syscalls/syscall_64.tbl` and
 //! `scripts/syscall.tbl`); Docker's default profile uses several of them. Both are sorted by
 //! name (binary search). Names a profile uses that are in neither (other architectures'
