@@ -1,13 +1,16 @@
 //! virtio-vsock in hybrid mode: the guest's AF_VSOCK peer is a Unix socket on the host.
 //!
-//! - [`packet`]: wire constants;
+//! - [`packet`]: wire constants and tx parsing;
 //! - [`connection`]: one stream and its credit-based flow control;
 //! - [`muxer`]: the host listener (`CONNECT <port>\n` / `OK <port>\n`), guest-initiated
 //!   connections to `<uds_path>_<port>`, RSTs, and the rx scheduling;
 //! - this module: the virtio device (config space with the guest CID; rx, tx and event
-//!   queues). Packets are parsed with `virtio-vsock`'s
-//!   [`VsockPacket`](virtio_vsock::packet::VsockPacket), which accepts header and data in
-//!   one descriptor (Linux ≥ 6.2) or split over two.
+//!   queues).
+//!
+//! Packets are parsed with `virtio-vsock`'s [`virtio_vsock::packet::VsockPacket`]: rx
+//! buffers are one descriptor (Linux ≥ 6.2) or header + data; tx packets are header +
+//! data, and since Linux 6.12.y payloads over ~32 KiB come as one descriptor per page
+//! fragment, which [`packet::TxPacket`] gathers.
 
 pub mod connection;
 pub mod muxer;

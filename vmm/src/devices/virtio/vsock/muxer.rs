@@ -173,7 +173,18 @@ impl Muxer {
             let fd = conn.stream.as_raw_fd();
             ctl.remove(fd);
             self.by_fd.remove(&fd);
+            // Without rx buffers the queue is not drained: a guest opening and resetting
+            // connections in a loop must not grow it with stale keys.
+            if conn.queued {
+                self.rx_ready.retain(|k| *k != key);
+            }
         }
+    }
+
+    /// Entries in the rx schedule (for tests).
+    #[cfg(test)]
+    pub fn rx_ready_len(&self) -> usize {
+        self.rx_ready.len()
     }
 
     /// Close the connection and tell the guest with an RST.

@@ -1064,3 +1064,30 @@ fn payload_scattered_over_several_descriptors() {
     ]);
     assert_eq!(h.recv_op(OP_RST).dst_port, 1026);
 }
+
+#[test]
+fn connection_churn_without_rx_buffers_stays_bounded() {
+    let mut h = Harness::inactive();
+    h.rx_target = 0;
+    h.activate();
+    let _listener = UnixListener::bind(format!("{}_70", h.uds.display())).unwrap();
+    // The guest posts no rx buffers and opens/resets connections in a loop.
+    for round in 0..50u32 {
+        // 16 REQUEST/RST pairs per notification (32 of the 64 tx descriptors).
+        for i in 0..16 {
+            for op in [OP_REQUEST, OP_RST] {
+                let pkt = Pkt::guest(op, 10_000 + (round * 16 + i) % 64, 70);
+                let addr = h.tx_addr();
+                h.mem
+                    .write_slice(&pkt.header(), GuestAddress(addr))
+                    .unwrap();
+                h.txq.add_chain(&[rd(addr, HEADER_SIZE as u32)]);
+            }
+        }
+        h.notify(1);
+        h.spin(Duration::from_millis(1));
+    }
+    let dev = h.device.lock().unwrap();
+    assert_eq!(dev.connection_count(), 0);
+    assert_eq!(dev.muxer.rx_ready_len(), 0);
+}
