@@ -102,19 +102,32 @@ impl Default for ShimConfig {
     }
 }
 
+/// How native mode reaches the OCI runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// `palisade-runtime` in-process.
+    #[default]
+    Library,
+    /// A runc-compatible binary (`runtime_binary`), one execution per operation like
+    /// containerd's runc shim; for comparing runtimes behind the same shim.
+    Cli,
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct NativeConfig {
+    pub engine: EngineKind,
     /// State directory of the runtime; the containerd namespace is appended.
     pub runtime_root: PathBuf,
-    /// The runc-compatible runtime binary native mode drives (`palisade`, found on
-    /// PATH, by default).
+    /// The runc-compatible binary the `cli` engine runs (`palisade` on PATH by default).
     pub runtime_binary: PathBuf,
 }
 
 impl Default for NativeConfig {
     fn default() -> Self {
         Self {
+            engine: EngineKind::Library,
             runtime_root: PathBuf::from("/run/palisade"),
             runtime_binary: PathBuf::from("palisade"),
         }

@@ -41,7 +41,7 @@ use tracing::{error, info};
 use crate::{
     config::{Config, SANDBOX_ID_ANNOTATION},
     events::EventSink,
-    sandbox::native::{cleanup_after_dead_shim, engine::CliEngine, process::now},
+    sandbox::native::{cleanup_after_dead_shim, engine_from_config, process::now},
     service::TaskService,
 };
 
@@ -138,14 +138,13 @@ async fn start(flags: &Flags) -> Result<()> {
 async fn delete(flags: &Flags) -> Result<()> {
     let bundle = bundle_dir(flags)?;
     let config = Config::load(None).context("loading the shim config")?;
-    let engine = CliEngine::new(
-        config.native.runtime_binary.clone(),
-        config.runtime_root(&flags.namespace),
-    );
+    let engine = engine_from_config(&config, &flags.namespace)?;
     let id = flags.id.clone();
     let bundle_for_cleanup = bundle.clone();
-    tokio::task::spawn_blocking(move || cleanup_after_dead_shim(&engine, &id, &bundle_for_cleanup))
-        .await?;
+    tokio::task::spawn_blocking(move || {
+        cleanup_after_dead_shim(engine.as_ref(), &id, &bundle_for_cleanup)
+    })
+    .await?;
     // A killed shim leaves its socket behind; remove it unless a live server owns it.
     if !flags.address.is_empty() {
         let group = grouping(&flags.id, &bundle);

@@ -26,7 +26,7 @@ use crate::{
     events::EventSink,
     reaper::Exit,
     sandbox::{
-        native::{engine::CliEngine, NativeSandbox},
+        native::{engine_from_config, NativeSandbox},
         Sandbox, TaskError,
     },
 };
@@ -89,16 +89,9 @@ impl TaskService {
                     .unwrap_or_else(|e| e.into_inner())
                     .take()
                     .ok_or_else(|| TaskError::Internal("reaper already taken".into()))?;
-                let engine = CliEngine::new(
-                    config.native.runtime_binary.clone(),
-                    config.runtime_root(&self.namespace),
-                );
-                NativeSandbox::new(
-                    Arc::new(engine),
-                    &self.namespace,
-                    self.events.clone(),
-                    reaped,
-                )
+                let engine = engine_from_config(&config, &self.namespace)
+                    .map_err(|e| TaskError::Internal(e.to_string()))?;
+                NativeSandbox::new(engine, &self.namespace, self.events.clone(), reaped)
             }
             Mode::Vm => {
                 return Err(TaskError::Unavailable(

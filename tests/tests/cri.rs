@@ -4,7 +4,7 @@
 //! a pod whose RuntimeClass names that handler.
 //!
 //! Needs root, containerd, Debian's containernetworking-plugins (/usr/lib/cni: bridge,
-//! host-local, loopback) and the built shim + runtime binaries (see shim_ctr.rs).
+//! host-local, loopback) and the built shim (see shim_ctr.rs for the engine choice).
 
 mod common;
 
@@ -18,7 +18,7 @@ use k8s_cri::v1::{
     StartContainerRequest, StopContainerRequest, StopPodSandboxRequest, VersionRequest,
 };
 use palisade_tests::{
-    containerd::{bin_dir, Containerd, CriConfig, Options, PALISADE_NATIVE_HANDLER},
+    containerd::{Containerd, CriConfig, Options, PALISADE_NATIVE_HANDLER},
     image::ImageConfig,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -40,27 +40,29 @@ async fn connect(socket: PathBuf) -> Channel {
         .expect("connect to containerd's CRI socket")
 }
 
-fn runtime_binary() -> PathBuf {
-    std::env::var_os("PALISADE_TEST_RUNTIME_BINARY")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| bin_dir().join("palisade"))
+/// The `[native]` section of the shim config under test: the in-process
+/// `palisade-runtime` library by default, or with `$PALISADE_TEST_RUNTIME_BINARY` set
+/// (e.g. to runc or the `palisade` CLI) the `cli` engine driving that binary.
+fn native_config() -> String {
+    match std::env::var_os("PALISADE_TEST_RUNTIME_BINARY") {
+        Some(binary) => {
+            let binary = PathBuf::from(binary);
+            assert!(binary.exists(), "{} does not exist", binary.display());
+            format!(
+                "[native]\nengine = \"cli\"\nruntime_binary = \"{}\"\nruntime_root = \"/run/palisade-test\"\n",
+                binary.display()
+            )
+        }
+        None => "[native]\nengine = \"library\"\nruntime_root = \"/run/palisade-test\"\n".into(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_lifecycle_through_cri() {
     common::require_ctr();
-    let runtime = runtime_binary();
-    assert!(runtime.exists(), "{} is not built", runtime.display());
     let config_dir = tempfile::tempdir().unwrap();
     let config = config_dir.path().join("configuration.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[native]\nruntime_binary = \"{}\"\nruntime_root = \"/run/palisade-test\"\n",
-            runtime.display()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&config, native_config()).unwrap();
     let ctrd = Containerd::start_with(Options {
         cri: Some(CriConfig {
             sandbox_image: PAUSE_IMAGE.into(),

@@ -1,12 +1,12 @@
 //! palisade's shim (`containerd-shim-palisade-v2`, runtime `io.containerd.palisade.v2`)
 //! driven by a real containerd through `ctr` (issue 3, must-show 1).
 //!
-//! Needs root, containerd + ctr installed, and the shim and `palisade` binaries built
-//! (`cargo build -p containerd-shim-palisade-v2 -p palisade-runtime`). The private
-//! containerd registers nothing: `ctr run --runtime io.containerd.palisade.v2` finds the
-//! shim on containerd's PATH, which the harness prefixes with the build directory.
-//! The shim is pointed at a config naming the native runtime binary: the built
-//! `palisade`, or `$PALISADE_TEST_RUNTIME_BINARY` (e.g. runc, to test the shim alone).
+//! Needs root, containerd + ctr installed, and the shim built
+//! (`cargo build -p containerd-shim-palisade-v2`). The private containerd registers
+//! nothing: `ctr run --runtime io.containerd.palisade.v2` finds the shim on containerd's
+//! PATH, which the harness prefixes with the build directory. The shim runs containers
+//! with the `palisade-runtime` library in-process; `$PALISADE_TEST_RUNTIME_BINARY`
+//! switches it to the `cli` engine on that binary (runc, or the `palisade` CLI).
 
 mod common;
 
@@ -17,10 +17,21 @@ use palisade_tests::{
     image::ImageConfig,
 };
 
-fn runtime_binary() -> PathBuf {
-    std::env::var_os("PALISADE_TEST_RUNTIME_BINARY")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| bin_dir().join("palisade"))
+/// The `[native]` section of the shim config under test: the in-process
+/// `palisade-runtime` library by default, or with `$PALISADE_TEST_RUNTIME_BINARY` set
+/// (e.g. to runc or the `palisade` CLI) the `cli` engine driving that binary.
+fn native_config() -> String {
+    match std::env::var_os("PALISADE_TEST_RUNTIME_BINARY") {
+        Some(binary) => {
+            let binary = PathBuf::from(binary);
+            assert!(binary.exists(), "{} does not exist", binary.display());
+            format!(
+                "[native]\nengine = \"cli\"\nruntime_binary = \"{}\"\nruntime_root = \"/run/palisade-test\"\n",
+                binary.display()
+            )
+        }
+        None => "[native]\nengine = \"library\"\nruntime_root = \"/run/palisade-test\"\n".into(),
+    }
 }
 
 /// A private containerd whose shims use a config naming the runtime under test.
@@ -28,16 +39,13 @@ fn containerd() -> (Containerd, tempfile::TempDir) {
     common::require_ctr();
     let shim = bin_dir().join("containerd-shim-palisade-v2");
     assert!(shim.exists(), "{} is not built", shim.display());
-    let runtime = runtime_binary();
-    assert!(runtime.exists(), "{} is not built", runtime.display());
     let config_dir = tempfile::tempdir().unwrap();
     let config = config_dir.path().join("configuration.toml");
     std::fs::write(
         &config,
         format!(
-            "[shim]\ndefault_mode = \"native\"\nallowed_annotations = [\"io.palisade.mode\"]\n\
-             [native]\nruntime_binary = \"{}\"\nruntime_root = \"/run/palisade-test\"\n",
-            runtime.display()
+            "[shim]\ndefault_mode = \"native\"\nallowed_annotations = [\"io.palisade.mode\"]\n{}",
+            native_config()
         ),
     )
     .unwrap();

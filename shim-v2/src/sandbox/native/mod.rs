@@ -4,6 +4,7 @@
 
 pub mod engine;
 pub mod exits;
+pub mod library;
 pub mod oom;
 pub mod process;
 pub mod rootfs;
@@ -745,6 +746,21 @@ impl Sandbox for NativeSandbox {
     async fn is_empty(&self) -> bool {
         self.containers().is_empty()
     }
+}
+
+/// The engine `config` selects, with its state root for containerd namespace `namespace`.
+pub fn engine_from_config(
+    config: &crate::config::Config,
+    namespace: &str,
+) -> Result<Arc<dyn Engine>, EngineError> {
+    let root = config.runtime_root(namespace);
+    Ok(match config.native.engine {
+        crate::config::EngineKind::Library => Arc::new(library::LibraryEngine::new(&root)?),
+        crate::config::EngineKind::Cli => Arc::new(engine::CliEngine::new(
+            config.native.runtime_binary.clone(),
+            root,
+        )),
+    })
 }
 
 /// Removes what a dead shim left of container `id`: the runtime's container (killing
