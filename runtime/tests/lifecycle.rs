@@ -373,7 +373,7 @@ fn console_socket_receives_the_pty_master() {
 fn bad_input_is_rejected_by_name_and_leaves_nothing() {
     let p = Palisade::new();
     type Edit = fn(&Bundle);
-    let cases: Vec<(&str, Edit, String)> = vec![
+    let mut cases: Vec<(&str, Edit, String)> = vec![
         (
             "badjson",
             |b| std::fs::write(b.config_path(), "{\"ociVersion\": ").unwrap(),
@@ -422,6 +422,14 @@ fn bad_input_is_rejected_by_name_and_leaves_nothing() {
             "mounts[7] (/x): source /nonexistent-src: No such file or directory".into(),
         ),
     ];
+    cases.push((
+        "unsupported",
+        |b| {
+            b.edit(|c| c["linux"]["personality"] = json!({"domain": "LINUX32"}))
+                .unwrap()
+        },
+        "linux.personality: is not supported by palisade".into(),
+    ));
     for (name, edit, expected) in cases {
         let b = Bundle::busybox(&["true"]).unwrap();
         edit(&b);
@@ -507,4 +515,74 @@ fn spec_and_features() {
     let features: Value = serde_json::from_str(&p.ok(&["features"])).unwrap();
     assert_eq!(features["linux"]["cgroup"]["v1"], true);
     assert!(features["linux"]["namespaces"].as_array().unwrap().len() == 8);
+}
+
+#[test]
+fn preserve_fds_passes_extra_fds() {
+    use std::os::unix::process::CommandExt;
+    let p = Palisade::new();
+    let b = Bundle::busybox(&["sh", "-c", "echo via-fd3 >&3; echo via-fd4 >&4"]).unwrap();
+    let out3 = tempfile::NamedTempFile::new().unwrap();
+    let out4 = tempfile::NamedTempFile::new().unwrap();
+    let f3 = out3.reopen().unwrap();
+    let f4 = out4.reopen().unwrap();
+    let id = id("preserve");
+    let mut cmd = p.cmd();
+    cmd.args([
+        "run",
+        "--preserve-fds",
+        "2",
+        "--bundle",
+        b.path().to_str().unwrap(),
+        &id,
+    ]);
+    let (fd3, fd4) = (
+        std::os::fd::AsRawFd::as_raw_fd(&f3),
+        std::os::fd::AsRawFd::as_raw_fd(&f4),
+    );
+    // SAFETY: dup2 in the forked child before exec, on fds that are open in it.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd3, 3) < 0 || libc::dup2(fd4, 4) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let status = cmd.status().unwrap();
+    assert!(status.success());
+    assert_eq!(std::fs::read_to_string(out3.path()).unwrap(), "via-fd3\n");
+    assert_eq!(std::fs::read_to_string(out4.path()).unwrap(), "via-fd4\n");
+    p.assert_no_leftovers(&id, &b);
+}
+
+/// The creating process is killed (-9) half-way: the init notices and exits, and the
+/// interrupted container can be deleted without leaving anything.
+#[test]
+fn killed_create_leaves_a_deletable_container() {
+    let p = Palisade::new();
+    let b = Bundle::busybox(&["sleep", "100"]).unwrap();
+    b.edit(|c| {
+        c["hooks"] = json!({"createRuntime": [
+            {"path": "/bin/sh", "args": ["sh", "-c", "kill -9 $PPID; sleep 1"]}
+        ]})
+    })
+    .unwrap();
+    let id = id("killed");
+    let out = p.run(&["create", "--bundle", b.path().to_str().unwrap(), &id]);
+    assert_eq!(out.status.code(), None, "create was not killed");
+    assert_eq!(p.status(&id), "creating");
+    // No process of the container survives its creator.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cgroup_dirs_named(&id).iter().all(|d| {
+        std::fs::read_to_string(d.join("cgroup.procs")).map_or(true, |p| p.trim().is_empty())
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "container processes outlived their creator"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p.ok(&["delete", &id]);
+    p.assert_no_leftovers(&id, &b);
 }

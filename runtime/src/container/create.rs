@@ -119,6 +119,20 @@ pub(super) fn create(
         init: None,
         armed: true,
     };
+    // Recorded before any cgroup or process exists: if this process is killed half-way,
+    // `delete --force` still finds the cgroup to remove.
+    let mut persisted = Persisted {
+        id: id.to_string(),
+        bundle: bundle.path.clone(),
+        rootfs: bundle.rootfs.clone(),
+        pid: 0,
+        pid_start_time: 0,
+        created: utils::rfc3339_now(),
+        paused: false,
+        cgroup: cgroup.clone(),
+        spec: bundle.spec.clone(),
+    };
+    dir.save(&persisted)?;
     cgroup.create()?;
     cleanup.cgroup = Some(&cgroup);
     if let Some(resources) = linux.resources() {
@@ -239,21 +253,13 @@ pub(super) fn create(
     let pid = init_pid.ok_or_else(|| Error::Child("container init pid never arrived".into()))?;
     let (pid_start_time, _) = utils::proc_stat(pid)
         .ok_or_else(|| Error::Child("container init exited before it was ready".into()))?;
-    let persisted = Persisted {
-        id: id.to_string(),
-        bundle: bundle.path.clone(),
-        rootfs: bundle.rootfs.clone(),
-        pid,
-        pid_start_time,
-        created: utils::rfc3339_now(),
-        paused: false,
-        cgroup: cgroup.clone(),
-        spec: bundle.spec.clone(),
-    };
+    persisted.pid = pid;
+    persisted.pid_start_time = pid_start_time;
     dir.save(&persisted)?;
     if let Some(pid_file) = &opts.pid_file {
         utils::write_atomic(pid_file, pid.to_string().as_bytes())?;
     }
+    parent_end.send(&Msg::Ack).map_err(Error::Child)?;
     cleanup.disarm();
     drop(parent_end);
     Ok(Container {

@@ -136,7 +136,10 @@ impl Container {
 
     /// The current status, derived from the init process, the exec fifo and the pause flag.
     pub fn status(&self) -> Status {
-        if !utils::process_alive(self.state.pid, self.state.pid_start_time) {
+        if self.state.pid == 0 {
+            // Being created, or a create that was interrupted (see `delete`).
+            Status::Creating
+        } else if !utils::process_alive(self.state.pid, self.state.pid_start_time) {
             Status::Stopped
         } else if self.state.paused {
             Status::Paused
@@ -153,7 +156,7 @@ impl Container {
         Ok(State {
             oci_version: OCI_VERSION.to_string(),
             id: self.state.id.clone(),
-            pid: if status == Status::Stopped {
+            pid: if matches!(status, Status::Stopped | Status::Creating) {
                 0
             } else {
                 self.state.pid
@@ -242,7 +245,7 @@ impl Container {
     /// Sends `signal` to the init, or with `all` to every process of the container.
     pub fn kill(&self, signal: Signal, all: bool) -> Result<()> {
         let status = self.status();
-        if status == Status::Stopped && !all {
+        if matches!(status, Status::Stopped | Status::Creating) && !all {
             return Err(Error::NotRunning);
         }
         if all {
@@ -268,8 +271,10 @@ impl Container {
     /// hooks run and the cgroup and state directory are removed.
     pub fn delete(self, force: bool) -> Result<()> {
         match self.status() {
-            Status::Stopped => {}
-            Status::Created | Status::Creating => self.kill_and_wait()?,
+            // Creating: an interrupted create; the cgroup removal below kills whatever
+            // it may have started.
+            Status::Stopped | Status::Creating => {}
+            Status::Created => self.kill_and_wait()?,
             status @ (Status::Running | Status::Paused) => {
                 if !force {
                     return Err(Error::InvalidState {
@@ -288,8 +293,11 @@ impl Container {
             .as_ref()
             .and_then(|h| h.poststop().clone())
             .unwrap_or_default();
-        if let Err(e) = hooks::run("poststop", &poststop, &self.state_json()) {
-            tracing::warn!(container = %self.state.id, "{e}");
+        // A container whose create was interrupted never ran: no poststop for it.
+        if self.state.pid > 0 {
+            if let Err(e) = hooks::run("poststop", &poststop, &self.state_json()) {
+                tracing::warn!(container = %self.state.id, "{e}");
+            }
         }
         self.state.cgroup.destroy()?;
         self.dir.remove()

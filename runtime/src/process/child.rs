@@ -302,6 +302,9 @@ fn container_process(
 
     if let Role::Init(init) = &cfg.role {
         cfg.channel.send(&Msg::Ready)?;
+        // Only block on the fifo once the caller has recorded us in state.json: if it dies
+        // before that, nothing could ever find (and delete) this process, so give up.
+        expect_ack(cfg.channel)?;
         wait_for_start(init.state_dir_fd)?;
         let start_container = init
             .spec

@@ -176,6 +176,26 @@ pub fn validate(spec: &Spec) -> Result<()> {
         .linux()
         .as_ref()
         .ok_or_else(|| invalid("linux", "missing"))?;
+    // Fields this runtime does not implement: refused rather than silently ignored.
+    for (field, present) in [
+        ("process.scheduler", process.scheduler().is_some()),
+        ("process.ioPriority", process.io_priority().is_some()),
+        (
+            "process.execCPUAffinity",
+            process.exec_cpu_affinity().is_some(),
+        ),
+        ("linux.intelRdt", linux.intel_rdt().is_some()),
+        ("linux.memoryPolicy", linux.memory_policy().is_some()),
+        ("linux.personality", linux.personality().is_some()),
+        (
+            "linux.netDevices",
+            linux.net_devices().as_ref().is_some_and(|d| !d.is_empty()),
+        ),
+    ] {
+        if present {
+            return Err(invalid(field, "is not supported by palisade"));
+        }
+    }
     let namespaces = linux.namespaces().clone().unwrap_or_default();
     let has = |t: LinuxNamespaceType| namespaces.iter().any(|n| n.typ() == t);
     // Without a private mount namespace every mount of the container would land on the
