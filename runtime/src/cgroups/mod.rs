@@ -541,6 +541,9 @@ mod tests {
         assert_eq!(cg.mode(), CgroupMode::V2);
         let dir = cg.unified().unwrap().dir.clone();
         let parent = dir.parent().unwrap().to_path_buf();
+        let root = cg.unified().unwrap().mount_point.clone();
+        let root_enabled_before =
+            std::fs::read_to_string(root.join("cgroup.subtree_control")).unwrap_or_default();
 
         cg.create().unwrap();
         // Everything the root offers was enabled on the way down.
@@ -568,6 +571,13 @@ mod tests {
             libc::waitpid(pid, &mut status, 0);
         }
         let _ = std::fs::remove_dir(&parent);
+        // Leave the host's root cgroup as we found it.
+        let before: Vec<&str> = root_enabled_before.split_whitespace().collect();
+        for c in v2::controllers(&root).unwrap_or_default() {
+            if !before.contains(&c.as_str()) {
+                let _ = std::fs::write(root.join("cgroup.subtree_control"), format!("-{c}"));
+            }
+        }
         if let Err(panic) = result {
             std::panic::resume_unwind(panic);
         }
