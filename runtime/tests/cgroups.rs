@@ -10,7 +10,8 @@ use std::{
 };
 
 use oci_spec::runtime::{
-    LinuxCpuBuilder, LinuxMemoryBuilder, LinuxPidsBuilder, LinuxResources, LinuxResourcesBuilder,
+    LinuxCpuBuilder, LinuxHugepageLimitBuilder, LinuxMemoryBuilder, LinuxPidsBuilder,
+    LinuxResources, LinuxResourcesBuilder,
 };
 use palisade_runtime::cgroups::{detect_mode, Cgroup, CgroupMode, OomEvent};
 
@@ -396,6 +397,57 @@ fn oom_kill_is_counted_and_reported() {
     cg.0.destroy().unwrap();
     let end = watcher.wait(Some(Duration::from_secs(5))).unwrap();
     assert!(matches!(end, Some(OomEvent::Removed) | None), "{end:?}");
+}
+
+#[test]
+fn hugetlb_limits_land_in_whichever_hierarchy_has_the_controller() {
+    let cg = TestCgroup::new("hugetlb");
+    let r = LinuxResourcesBuilder::default()
+        .hugepage_limits(vec![LinuxHugepageLimitBuilder::default()
+            .page_size("2MB")
+            .limit(4 << 20)
+            .build()
+            .unwrap()])
+        .build()
+        .unwrap();
+    let root_before =
+        cg.0.unified()
+            .and_then(|u| fs::read_to_string(u.mount_point.join("cgroup.subtree_control")).ok())
+            .unwrap_or_default();
+    cg.0.apply(&r).unwrap();
+    // v1 hugetlb when mounted; otherwise (the hybrid build hosts) cgroup2, enabled on demand.
+    let (dir, file) = match cg.0.v1_dir("hugetlb") {
+        Some(d) => (d.to_path_buf(), "hugetlb.2MB.limit_in_bytes"),
+        None => (cg.0.unified().unwrap().dir.clone(), "hugetlb.2MB.max"),
+    };
+    assert_eq!(read(&dir, file), (4u64 << 20).to_string());
+    let stats = cg.0.stats().unwrap();
+    assert_eq!(stats.hugetlb["2MB"].limit, 4 << 20, "{:?}", stats.hugetlb);
+
+    let bad = LinuxResourcesBuilder::default()
+        .hugepage_limits(vec![LinuxHugepageLimitBuilder::default()
+            .page_size("3MB")
+            .limit(1)
+            .build()
+            .unwrap()])
+        .build()
+        .unwrap();
+    let e = cg.0.apply(&bad).unwrap_err().to_string();
+    assert!(
+        e.starts_with("linux.resources.hugepageLimits[0].pageSize"),
+        "{e}"
+    );
+    drop(cg);
+    if let Some(u) = Cgroup::new(None, "x").unwrap().unified() {
+        // Leave the host's root cgroup as we found it.
+        if !root_before.contains("hugetlb") && cgroup_mode_is_hybrid() {
+            let _ = fs::write(u.mount_point.join("cgroup.subtree_control"), "-hugetlb");
+        }
+    }
+}
+
+fn cgroup_mode_is_hybrid() -> bool {
+    detect_mode().unwrap() == CgroupMode::Hybrid
 }
 
 #[test]
