@@ -10,8 +10,8 @@ use std::{
 };
 
 use oci_spec::runtime::{
-    LinuxCpuBuilder, LinuxHugepageLimitBuilder, LinuxMemoryBuilder, LinuxPidsBuilder,
-    LinuxResources, LinuxResourcesBuilder,
+    LinuxBlockIoBuilder, LinuxCpuBuilder, LinuxHugepageLimitBuilder, LinuxMemoryBuilder,
+    LinuxPidsBuilder, LinuxResources, LinuxResourcesBuilder, LinuxThrottleDeviceBuilder,
 };
 use palisade_runtime::cgroups::{detect_mode, Cgroup, CgroupMode, OomEvent};
 
@@ -448,6 +448,56 @@ fn hugetlb_limits_land_in_whichever_hierarchy_has_the_controller() {
 
 fn cgroup_mode_is_hybrid() -> bool {
     detect_mode().unwrap() == CgroupMode::Hybrid
+}
+
+/// `major:minor` of the first real (non-loop, non-ram) block device.
+fn a_block_device() -> (i64, i64) {
+    let mut names: Vec<_> = fs::read_dir("/sys/block")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().into_string().unwrap())
+        .filter(|n| !n.starts_with("loop") && !n.starts_with("ram") && !n.starts_with("zram"))
+        .collect();
+    names.sort();
+    let dev = fs::read_to_string(format!("/sys/block/{}/dev", names[0])).unwrap();
+    let (major, minor) = dev.trim().split_once(':').unwrap();
+    (major.parse().unwrap(), minor.parse().unwrap())
+}
+
+#[test]
+fn block_io_weight_and_throttle() {
+    let cg = TestCgroup::new("blkio");
+    let (major, minor) = a_block_device();
+    let r = LinuxResourcesBuilder::default()
+        .block_io(
+            LinuxBlockIoBuilder::default()
+                .weight(300u16)
+                .throttle_read_bps_device(vec![LinuxThrottleDeviceBuilder::default()
+                    .major(major)
+                    .minor(minor)
+                    .rate(1_048_576u64)
+                    .build()
+                    .unwrap()])
+                .build()
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    cg.0.apply(&r).unwrap();
+    let dev = format!("{major}:{minor}");
+    if let Some(dir) = cg.0.v1_dir("blkio") {
+        let throttle = read(dir, "blkio.throttle.read_bps_device");
+        assert_eq!(throttle, format!("{dev} 1048576"));
+        let weight_file = ["blkio.weight", "blkio.bfq.weight"]
+            .into_iter()
+            .find(|f| dir.join(f).exists())
+            .unwrap();
+        // BFQ prints "default 300".
+        assert!(read(dir, weight_file).ends_with("300"), "{weight_file}");
+    } else if let Some(u) = cg.0.unified() {
+        let max = read(&u.dir, "io.max");
+        assert!(max.starts_with(&format!("{dev} rbps=1048576")), "{max}");
+    }
 }
 
 #[test]
