@@ -97,19 +97,26 @@ pub fn tiny_elf(code: &[u8], load: u64, pvh_entry: Option<u32>) -> Vec<u8> {
     elf.extend_from_slice(&(phnum as u16).to_le_bytes());
     elf.extend_from_slice(&[0; 6]); // no section headers
 
-    let phdr = |elf: &mut Vec<u8>, p_type: u32, off: usize, addr: u64, size: usize| {
+    let phdr = |elf: &mut Vec<u8>,
+                p_type: u32,
+                flags: u32,
+                off: usize,
+                addr: u64,
+                size: usize,
+                align: u64| {
         elf.extend_from_slice(&p_type.to_le_bytes());
-        elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+        elf.extend_from_slice(&flags.to_le_bytes());
         elf.extend_from_slice(&(off as u64).to_le_bytes());
         elf.extend_from_slice(&addr.to_le_bytes()); // vaddr
         elf.extend_from_slice(&addr.to_le_bytes()); // paddr
         elf.extend_from_slice(&(size as u64).to_le_bytes()); // filesz
         elf.extend_from_slice(&(size as u64).to_le_bytes()); // memsz
-        elf.extend_from_slice(&16u64.to_le_bytes()); // align
+        elf.extend_from_slice(&align.to_le_bytes());
     };
-    phdr(&mut elf, 1, code_off, load, code.len()); // PT_LOAD
+    phdr(&mut elf, 1, 5, code_off, load, code.len(), 16); // PT_LOAD, R+X
     if pvh_entry.is_some() {
-        phdr(&mut elf, 4, note_off, 0, note.len()); // PT_NOTE
+        // Notes are 4-byte aligned; loaders such as QEMU's pad name/desc to p_align.
+        phdr(&mut elf, 4, 4, note_off, 0, note.len(), 4); // PT_NOTE, R
     }
     elf.extend_from_slice(&note);
     elf.resize(code_off, 0);
