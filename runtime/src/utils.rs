@@ -180,9 +180,25 @@ mod tests {
     }
 
     #[test]
-    fn proc_stat_of_self() {
-        let (start, state) = proc_stat(std::process::id() as i32).unwrap();
-        assert!(start > 0);
-        assert_eq!(state, 'R');
+    fn process_alive_tracks_exit_and_pid_reuse() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let (start, _) = proc_stat(pid).unwrap();
+        assert!(process_alive(pid, start));
+        // Same pid, different start time: another process.
+        assert!(!process_alive(pid, start + 1));
+        child.kill().unwrap();
+        // Killed but not reaped: a zombie counts as exited.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while proc_stat(pid).is_some_and(|(_, s)| s != 'Z') {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(!process_alive(pid, start));
+        child.wait().unwrap();
+        assert!(!process_alive(pid, start));
     }
 }

@@ -140,6 +140,11 @@ fn update_changes_limits_of_a_running_container() {
     let stats: Value = serde_json::from_str(&p.ok(&["events", "--stats", &id])).unwrap();
     assert_eq!(stats["type"], "stats");
     assert_eq!(stats["id"], id.as_str());
+    // runc's stats shape, as containerd's runc shim decodes it.
+    assert_eq!(stats["data"]["pids"]["current"], 1);
+    assert_eq!(stats["data"]["pids"]["limit"], 23);
+    assert!(stats["data"]["memory"]["usage"]["usage"].as_u64().unwrap() > 0);
+    assert!(stats["data"]["cpu"]["usage"]["total"].as_u64().unwrap() > 0);
     p.ok(&["delete", "--force", &id]);
     p.assert_no_leftovers(&id, &b);
 }

@@ -194,8 +194,9 @@ fn parse_duration(text: &str) -> Result<Duration> {
 pub fn events(runtime: &Runtime, id: &str, once: bool, interval: &str) -> Result<()> {
     let interval = parse_duration(interval)?;
     let container = runtime.load(id)?;
-    let stats_event =
-        || -> Result<Value> { Ok(json!({"type": "stats", "id": id, "data": container.stats()?})) };
+    let stats_event = || -> Result<Value> {
+        Ok(json!({"type": "stats", "id": id, "data": runc_stats(&container.stats()?)}))
+    };
     if once {
         println!("{}", stats_event()?);
         return Ok(());
@@ -211,6 +212,62 @@ pub fn events(runtime: &Runtime, id: &str, once: bool, interval: &str) -> Result
         std::thread::sleep(interval);
     }
     Ok(())
+}
+
+/// cgroup statistics in the JSON shape of runc's `types.Stats`, which containerd's runc
+/// shim (go-runc) decodes for task metrics.
+fn runc_stats(s: &palisade_runtime::cgroups::Stats) -> Value {
+    use palisade_runtime::cgroups::stats::{BlkioEntry, MemoryData};
+    let memory_entry = |m: &MemoryData| json!({"limit": m.limit, "usage": m.usage, "max": m.max_usage, "failcnt": m.failcnt});
+    let blkio = |entries: &[BlkioEntry]| {
+        entries
+            .iter()
+            .map(|e| json!({"major": e.major, "minor": e.minor, "op": e.op, "value": e.value}))
+            .collect::<Vec<_>>()
+    };
+    let hugetlb: serde_json::Map<String, Value> = s
+        .hugetlb
+        .iter()
+        .map(|(size, h)| {
+            (
+                size.clone(),
+                json!({"usage": h.usage, "max": h.max_usage, "failcnt": h.failcnt}),
+            )
+        })
+        .collect();
+    let mut memory = json!({
+        "cache": s.memory.cache,
+        "usage": memory_entry(&s.memory.usage),
+        "raw": s.memory.stat_raw,
+    });
+    if let Some(swap) = s.memory.swap.as_ref().or(s.memory.mem_swap.as_ref()) {
+        memory["swap"] = memory_entry(swap);
+    }
+    if let Some(kernel) = &s.memory.kernel {
+        memory["kernel"] = memory_entry(kernel);
+    }
+    json!({
+        "cpu": {
+            "usage": {
+                "total": s.cpu.usage.total_ns,
+                "percpu": s.cpu.usage.per_cpu_ns,
+                "kernel": s.cpu.usage.kernel_ns,
+                "user": s.cpu.usage.user_ns,
+            },
+            "throttling": {
+                "periods": s.cpu.throttling.periods,
+                "throttledPeriods": s.cpu.throttling.throttled_periods,
+                "throttledTime": s.cpu.throttling.throttled_time_ns,
+            },
+        },
+        "memory": memory,
+        "pids": {"current": s.pids.current, "limit": s.pids.limit},
+        "blkio": {
+            "ioServiceBytesRecursive": blkio(&s.blkio.io_service_bytes_recursive),
+            "ioServicedRecursive": blkio(&s.blkio.io_serviced_recursive),
+        },
+        "hugetlb": hugetlb,
+    })
 }
 
 pub fn spec(bundle: &Path, rootless: bool) -> Result<()> {
