@@ -586,3 +586,46 @@ fn killed_create_leaves_a_deletable_container() {
     p.ok(&["delete", &id]);
     p.assert_no_leftovers(&id, &b);
 }
+
+/// A container can join another's namespaces by path (what a pod's containers do with
+/// the sandbox's network, ipc and uts namespaces).
+#[test]
+fn join_namespaces_by_path() {
+    let p = Palisade::new();
+    let sandbox = Bundle::busybox(&["sleep", "1000"]).unwrap();
+    sandbox.edit(|c| c["hostname"] = "pod-host".into()).unwrap();
+    let sandbox_id = id("sandbox");
+    p.ok(&[
+        "run",
+        "--detach",
+        "--bundle",
+        sandbox.path().to_str().unwrap(),
+        &sandbox_id,
+    ]);
+    let pid = p.state(&sandbox_id)["pid"].as_i64().unwrap();
+
+    let member = Bundle::busybox(&["sh", "-c", "hostname; readlink /proc/self/ns/net"]).unwrap();
+    member
+        .edit(|c| {
+            c.as_object_mut().unwrap().remove("hostname");
+            for ns in c["linux"]["namespaces"].as_array_mut().unwrap() {
+                let typ = ns["type"].as_str().unwrap().to_string();
+                let proc_name = match typ.as_str() {
+                    "network" => "net",
+                    "uts" => "uts",
+                    "ipc" => "ipc",
+                    _ => continue,
+                };
+                ns["path"] = format!("/proc/{pid}/ns/{proc_name}").into();
+            }
+        })
+        .unwrap();
+    let member_id = id("member");
+    let (code, out, err) = p.run_bundle(&member_id, &member);
+    assert_eq!(code, 0, "{err}");
+    let sandbox_net = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    assert_eq!(out, format!("pod-host\n{}\n", sandbox_net.display()));
+    p.assert_no_leftovers(&member_id, &member);
+    p.ok(&["delete", "--force", &sandbox_id]);
+    p.assert_no_leftovers(&sandbox_id, &sandbox);
+}
