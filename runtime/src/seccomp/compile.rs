@@ -14,6 +14,7 @@
 //! [group KILL_PROCESS: LD nr; per syscall chains … RET KILL_PROCESS | JA next]
 //! [group ERRNO(1) …]
 //! [group ALLOW …]
+//! [default not ALLOW/LOG: nr > highest syscall the profile names → ERRNO(ENOSYS)]
 //! RET defaultAction
 //! ```
 
@@ -35,6 +36,7 @@ use super::{syscalls, CompiledFilter, SeccompError};
 const BPF_LD_W_ABS: u16 = 0x20;
 const BPF_JMP_JA: u16 = 0x05;
 const BPF_JMP_JEQ_K: u16 = 0x05 | 0x10;
+const BPF_JMP_JGT_K: u16 = 0x05 | 0x20;
 const BPF_JMP_JGE_K: u16 = 0x05 | 0x30;
 const BPF_RET_K: u16 = 0x06;
 /// The kernel's limit on a classic BPF program (BPF_MAXINSNS).
@@ -198,6 +200,8 @@ pub fn compile(s: &LinuxSeccomp) -> Result<CompiledFilter, SeccompError> {
 
     // (severity, return value) → group, so ERRNO(1) and ERRNO(38) are separate groups.
     let mut groups: BTreeMap<(u8, u32), (SeccompAction, Group)> = BTreeMap::new();
+    // The highest syscall number the profile names (see the ENOSYS stub below).
+    let mut max_nr: Option<i64> = None;
     for (i, entry) in s.syscalls().iter().flatten().enumerate() {
         let field = format!("linux.seccomp.syscalls[{i}]");
         let act = action(
@@ -213,6 +217,12 @@ pub fn compile(s: &LinuxSeccomp) -> Result<CompiledFilter, SeccompError> {
             .map(|(j, arg)| condition(&format!("{field}.args[{j}]"), arg))
             .collect::<Result<Vec<_>, _>>()?;
         if act == default {
+            max_nr = entry
+                .names()
+                .iter()
+                .filter_map(|n| syscalls::number(n))
+                .chain(max_nr)
+                .max();
             continue;
         }
         let rule = if conditions.is_empty() {
@@ -226,7 +236,9 @@ pub fn compile(s: &LinuxSeccomp) -> Result<CompiledFilter, SeccompError> {
         let key = (rank(&act), u32::from(act.clone()));
         let group = &mut groups.entry(key).or_insert_with(|| (act, Group::new())).1;
         for name in entry.names() {
-            let Some(nr) = syscalls::number(name) else {
+            let Some(nr) = syscalls::number(name).inspect(|nr| {
+                max_nr = Some(max_nr.map_or(*nr, |m| m.max(*nr)));
+            }) else {
                 tracing::warn!(
                     "{field}: syscall {name:?} is unknown on {}; skipped",
                     std::env::consts::ARCH
@@ -258,6 +270,23 @@ pub fn compile(s: &LinuxSeccomp) -> Result<CompiledFilter, SeccompError> {
     }
     for (action, group) in groups.into_values().filter(|(_, g)| !g.is_empty()) {
         program.extend(compile_group(target, action, group)?);
+    }
+    if let (Some(max), false) = (
+        max_nr,
+        matches!(default, SeccompAction::Allow | SeccompAction::Log),
+    ) {
+        // runc's rule: a syscall newer than anything the profile knows about fails with
+        // ENOSYS rather than the default errno, so that libcs fall back to older calls
+        // (glibc retries clone3 as clone only on ENOSYS). -1 (a tracer's skip) is exempt.
+        program.extend([
+            stmt(BPF_LD_W_ABS, 0),
+            jump(BPF_JMP_JEQ_K, u32::MAX, 2, 0),
+            jump(BPF_JMP_JGT_K, max as u32, 0, 1),
+            stmt(
+                BPF_RET_K,
+                u32::from(SeccompAction::Errno(libc::ENOSYS as u32)),
+            ),
+        ]);
     }
     program.push(stmt(BPF_RET_K, u32::from(default)));
     if program.len() > BPF_MAX_LEN {

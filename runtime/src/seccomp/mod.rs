@@ -15,6 +15,9 @@
 //!   own precedence between stacked filters: KILL_PROCESS > KILL_THREAD > TRAP > ERRNO >
 //!   TRACE > LOG > ALLOW). Rules whose action equals the default action are dropped (runc).
 //! * Syscall names unknown on the native architecture are skipped with a warning.
+//! * Unless the default action allows, a syscall numbered above every syscall the profile
+//!   names returns ENOSYS (runc does the same), so a libc tries its fallback for calls
+//!   newer than the profile (e.g. `clone3` → `clone`).
 //! * Only the native architecture is filtered (`architectures` must include it, or be
 //!   empty); calls through another ABI (i386 `int 0x80`, x32) are killed, as libseccomp does
 //!   for architectures absent from a filter.
