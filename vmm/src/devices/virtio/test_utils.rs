@@ -8,7 +8,7 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::{Descriptor as SplitDescriptor, VirtqUsedElem};
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
@@ -56,9 +56,15 @@ pub struct TestQueue<'a> {
 
 impl<'a> TestQueue<'a> {
     /// A queue of `size` entries whose rings start at `start`.
+    ///
+    /// The mock is created 4× larger than the queue: `MockSplitQueue` (virtio-queue 0.18)
+    /// places the used ring `len` bytes after the available ring's entries instead of
+    /// `2 * len` (`SplitQueueRing::end` counts elements), so with its own size the driver's
+    /// avail entries from `len / 2` on overwrite the used ring's `flags`/`idx`. The device
+    /// is configured with `size`; the spare room keeps the rings apart.
     pub fn new(mem: &'a GuestMemoryMmap<()>, start: u64, size: u16) -> Self {
         TestQueue {
-            mock: MockSplitQueue::create(mem, GuestAddress(start), size),
+            mock: MockSplitQueue::create(mem, GuestAddress(start), size * 4),
             size,
             next_desc: 0,
             used_seen: 0,
@@ -72,7 +78,15 @@ impl<'a> TestQueue<'a> {
 
     /// A device-side queue configured like a driver would (ready, addresses set).
     pub fn queue(&self) -> Queue {
-        self.mock.create_queue().unwrap()
+        let mut q = Queue::new(self.size).unwrap();
+        q.try_set_size(self.size).unwrap();
+        q.try_set_desc_table_address(self.mock.desc_table_addr())
+            .unwrap();
+        q.try_set_avail_ring_address(self.mock.avail_addr())
+            .unwrap();
+        q.try_set_used_ring_address(self.mock.used_addr()).unwrap();
+        q.set_ready(true);
+        q
     }
 
     /// Write descriptor `index` verbatim (for malformed chains).
@@ -215,4 +229,29 @@ pub fn driver_init(transport: &mut super::MmioTransport, queues: &[&TestQueue]) 
     let mut status = [0u8; 4];
     transport.read(0x70, &mut status);
     assert_eq!(u32::from_le_bytes(status), 15, "device refused DRIVER_OK");
+}
+
+/// A small deterministic PRNG (xorshift64*) for the randomized hostile-guest tests.
+pub struct Rng(std::cell::Cell<u64>);
+
+impl Rng {
+    /// A generator with a fixed, non-zero seed.
+    pub fn new(seed: u64) -> Self {
+        Rng(std::cell::Cell::new(seed | 1))
+    }
+
+    /// The next pseudo-random value.
+    pub fn next(&self) -> u64 {
+        let mut x = self.0.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0.set(x);
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// One of `choices`.
+    pub fn pick<T: Copy>(&self, choices: &[T]) -> T {
+        choices[(self.next() % choices.len() as u64) as usize]
+    }
 }

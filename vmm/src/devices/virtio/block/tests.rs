@@ -440,3 +440,68 @@ fn indirect_descriptor_tables_are_followed_and_checked() {
         assert_eq!(q.next_used(), Some((4, 0)));
     }
 }
+
+/// Thousands of random descriptor chains (addresses in and out of memory, random lengths,
+/// flags including INDIRECT, `next` indices beyond the queue) and random headers: the
+/// device completes or drops each without panicking, and still serves a valid request.
+#[test]
+fn random_chains_from_a_hostile_guest() {
+    use crate::devices::virtio::test_utils::Rng;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_WRITE};
+
+    let mem = test_memory(0x40_0000);
+    let image = disk_image();
+    let mut q = TestQueue::new(&mem, 0, 16);
+    let mut h = start(&mem, &q, image.path(), false);
+    let rng = Rng::new(0x9e37_79b9_7f4a_7c15);
+    let mut completed = 0;
+    for _ in 0..3000 {
+        let request_type = rng.pick(&[
+            VIRTIO_BLK_T_IN,
+            VIRTIO_BLK_T_OUT,
+            VIRTIO_BLK_T_FLUSH,
+            VIRTIO_BLK_T_GET_ID,
+            rng.next() as u32,
+        ]);
+        let sector = rng.pick(&[0, 1, SECTORS - 1, SECTORS, rng.next()]);
+        write_header(&mem, request_type, sector);
+        let len = 1 + rng.next() % 5;
+        for slot in 0..len as u16 {
+            let addr = rng.pick(&[
+                HDR,
+                DATA,
+                STATUS,
+                0x40_0000 - 8,
+                rng.next(),
+                rng.next() % 0x40_0000,
+            ]);
+            let dlen = rng.pick(&[
+                0,
+                1,
+                16,
+                20,
+                512,
+                4096,
+                rng.next() as u32 % 0x10_0000,
+                u32::MAX,
+            ]);
+            let flags = (rng.next() as u16)
+                & (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE | VRING_DESC_F_INDIRECT) as u16;
+            let next = (rng.next() % 20) as u16;
+            q.store_desc(slot, addr, dlen, flags, next);
+        }
+        q.publish((rng.next() % 16) as u16);
+        h.run();
+        while q.next_used().is_some() {
+            completed += 1;
+        }
+    }
+    assert!(completed > 0);
+    // The device is still healthy.
+    mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    write_header(&mem, VIRTIO_BLK_T_IN, 4);
+    q.add_chain(&[rd(HDR, 16), wr(DATA, 512), wr(STATUS, 1)]);
+    h.run();
+    assert_eq!(q.next_used().map(|u| u.1), Some(513));
+    assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
+}

@@ -1091,3 +1091,87 @@ fn connection_churn_without_rx_buffers_stays_bounded() {
     assert_eq!(dev.connection_count(), 0);
     assert_eq!(dev.muxer.rx_ready_len(), 0);
 }
+
+/// Random tx chains (random header fields, lengths, flags, addresses) and random rx
+/// buffers from a hostile guest: no panic, memory stays bounded, and a normal connection
+/// still works afterwards.
+#[test]
+fn random_packets_from_a_hostile_guest() {
+    use crate::devices::virtio::test_utils::Rng;
+    use virtio_bindings::virtio_ring::{
+        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
+
+    let mut h = Harness::new();
+    let _listener = UnixListener::bind(format!("{}_80", h.uds.display())).unwrap();
+    let rng = Rng::new(0xdead_beef_cafe_f00d);
+    let base = TX_BUFS;
+    for round in 0..400 {
+        // 8 random chains per round in descriptor slots 0..40 of the tx queue.
+        for c in 0..8u16 {
+            let pkt = Pkt {
+                src_cid: rng.pick(&[GUEST_CID, GUEST_CID, rng.next()]),
+                dst_cid: rng.pick(&[HOST_CID, HOST_CID, rng.next()]),
+                src_port: rng.pick(&[5000, 5001, rng.next() as u32]),
+                dst_port: rng.pick(&[80, 81, rng.next() as u32]),
+                len: rng.pick(&[0, 1, 100, MAX_PKT_DATA, MAX_PKT_DATA + 1, rng.next() as u32]),
+                type_: rng.pick(&[TYPE_STREAM, TYPE_STREAM, rng.next() as u16]),
+                op: (rng.next() % 9) as u16,
+                flags: rng.next() as u32,
+                buf_alloc: rng.pick(&[0, 4096, 1 << 18, u32::MAX]),
+                fwd_cnt: rng.next() as u32,
+                data: Vec::new(),
+            };
+            let addr = base + u64::from(c) * 0x2_0000;
+            h.mem
+                .write_slice(&pkt.header(), GuestAddress(addr))
+                .unwrap();
+            let n = 1 + (rng.next() % 4) as u16;
+            for i in 0..n {
+                let slot = c * 5 + i;
+                let daddr = if i == 0 {
+                    rng.pick(&[addr, addr, rng.next(), MEM_SIZE as u64 - 20])
+                } else {
+                    rng.pick(&[addr + 0x1000 * u64::from(i), rng.next()])
+                };
+                let dlen = rng.pick(&[HEADER_SIZE as u32, 10, 100, 70_000, rng.next() as u32]);
+                let mut flags =
+                    (rng.next() as u16) & (VRING_DESC_F_WRITE | VRING_DESC_F_INDIRECT) as u16;
+                let mut next = slot + 1;
+                if i + 1 < n {
+                    flags |= VRING_DESC_F_NEXT as u16;
+                    if rng.next() % 8 == 0 {
+                        next = (rng.next() % 80) as u16;
+                    }
+                }
+                h.txq.store_desc(slot, daddr, dlen, flags, next);
+            }
+            h.txq.publish(c * 5);
+        }
+        // Sometimes a malformed rx buffer too (keeping well within the 64-entry ring).
+        if round % 4 == 0 && h.rx_posted.len() < 40 {
+            let b = rng.pick(&[rd(RX_BUFS, 4096), wr(RX_BUFS, 10), wr(rng.next(), 4096)]);
+            let head = h.rxq.add_chain(&[b]);
+            h.rx_posted.insert(
+                u32::from(head),
+                RxBuf {
+                    header: b.addr,
+                    data: b.addr,
+                },
+            );
+        }
+        h.notify(1);
+        h.spin(Duration::from_millis(1));
+        h.inbox.clear();
+    }
+    {
+        let dev = h.device.lock().unwrap();
+        assert!(dev.connection_count() <= super::muxer::MAX_CONNECTIONS);
+    }
+    // Still healthy: a fresh host connection works end to end.
+    h.spin(Duration::from_millis(20));
+    h.inbox.clear();
+    let (mut host, local) = h.established_host_connection(1024);
+    h.send(&Pkt::guest(OP_RW, 1024, local).with_data(b"still fine"));
+    assert_eq!(read_exactly(&mut host, 10), b"still fine");
+}
