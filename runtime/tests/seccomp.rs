@@ -64,6 +64,19 @@ fn getppid_then_exit() -> i32 {
     0
 }
 
+/// execs `/bin/busybox mkdir /tmp/palisade-seccomp-test-mkdir` (busybox-static, which the CI
+/// installs); returns only if exec failed.
+fn exec_busybox_mkdir() -> i32 {
+    let argv = [
+        c"mkdir".as_ptr(),
+        c"/tmp/palisade-seccomp-test-mkdir".as_ptr(),
+        std::ptr::null(),
+    ];
+    // SAFETY: NUL-terminated literals and a NULL-terminated argv.
+    unsafe { libc::execv(c"/bin/busybox".as_ptr(), argv.as_ptr()) };
+    127
+}
+
 fn profile(v: serde_json::Value) -> LinuxSeccomp {
     serde_json::from_value(v).unwrap()
 }
@@ -134,4 +147,59 @@ fn trap_delivers_sigsys() {
     let s = run_filtered(&filter, getppid_then_exit);
     assert!(libc::WIFSIGNALED(s), "status {s:#x}");
     assert_eq!(libc::WTERMSIG(s), libc::SIGSYS);
+}
+
+#[test]
+fn filter_survives_execve_of_a_real_program() {
+    let dir = std::path::Path::new("/tmp/palisade-seccomp-test-mkdir");
+    let _ = std::fs::remove_dir(dir);
+    // What static busybox needs to start and exit, default EPERM; mkdir is not allowed.
+    let startup = [
+        "execve",
+        "brk",
+        "arch_prctl",
+        "set_tid_address",
+        "set_robust_list",
+        "rseq",
+        "prlimit64",
+        "getrandom",
+        "mprotect",
+        "mmap",
+        "munmap",
+        "readlink",
+        "getuid",
+        "prctl",
+        "write",
+        "writev",
+        "exit",
+        "exit_group",
+        "rt_sigprocmask",
+        "rt_sigaction",
+    ];
+    let denying = compile(&profile(json!({
+        "defaultAction": "SCMP_ACT_ERRNO",
+        "syscalls": [{"names": startup, "action": "SCMP_ACT_ALLOW"}]
+    })))
+    .unwrap();
+    let s = run_filtered(&denying, exec_busybox_mkdir);
+    assert!(libc::WIFEXITED(s), "status {s:#x}");
+    assert_eq!(
+        libc::WEXITSTATUS(s),
+        1,
+        "busybox mkdir must fail with EPERM"
+    );
+    assert!(!dir.exists());
+
+    let mut with_mkdir: Vec<&str> = startup.to_vec();
+    with_mkdir.extend(["mkdir", "mkdirat"]);
+    let allowing = compile(&profile(json!({
+        "defaultAction": "SCMP_ACT_ERRNO",
+        "syscalls": [{"names": with_mkdir, "action": "SCMP_ACT_ALLOW"}]
+    })))
+    .unwrap();
+    let s = run_filtered(&allowing, exec_busybox_mkdir);
+    assert!(libc::WIFEXITED(s), "status {s:#x}");
+    assert_eq!(libc::WEXITSTATUS(s), 0);
+    assert!(dir.is_dir());
+    std::fs::remove_dir(dir).unwrap();
 }
