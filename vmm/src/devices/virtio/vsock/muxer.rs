@@ -97,7 +97,18 @@ impl Muxer {
             path: uds_path.to_path_buf(),
             source,
         };
-        let listener = UnixListener::bind(uds_path).map_err(bind_err)?;
+        let listener = match UnixListener::bind(uds_path) {
+            Ok(l) => l,
+            // A VMM killed with SIGKILL cannot unlink its socket; a socket file nobody
+            // listens on is that leftover, and may be replaced. A live listener or any
+            // other kind of file is never touched.
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && is_stale_socket(uds_path) => {
+                warn!("vsock: replacing stale socket {}", uds_path.display());
+                std::fs::remove_file(uds_path).map_err(bind_err)?;
+                UnixListener::bind(uds_path).map_err(bind_err)?
+            }
+            Err(e) => return Err(bind_err(e)),
+        };
         if let Err(e) = set_nonblocking(&listener) {
             let _ = std::fs::remove_file(uds_path);
             return Err(bind_err(e));
@@ -543,6 +554,19 @@ impl Drop for Muxer {
         // The socket file is ours: leave nothing behind.
         let _ = std::fs::remove_file(&self.uds_path);
     }
+}
+
+/// Whether `path` is a Unix socket file without a listener (connecting is refused).
+fn is_stale_socket(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket = std::fs::symlink_metadata(path)
+        .map(|m| m.file_type().is_socket())
+        .unwrap_or(false);
+    is_socket
+        && matches!(
+            UnixStream::connect(path),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused
+        )
 }
 
 /// Make `fd` non-blocking with `fcntl`: std's `set_nonblocking` on sockets is an

@@ -446,6 +446,19 @@ fn config_space_and_identity() {
     // Dropping the device removes its socket file.
     drop(dev);
     assert!(!dir.path().join("v.sock").exists());
+
+    // A stale socket file (its VMM was killed -9) is replaced...
+    let stale = dir.path().join("stale.sock");
+    drop(UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let dev = VsockDevice::with_socket(5, &stale).unwrap();
+    UnixStream::connect(&stale).unwrap();
+    drop(dev);
+    // ...but a regular file at the path is an error and stays untouched.
+    let file = dir.path().join("file.sock");
+    std::fs::write(&file, b"not a socket").unwrap();
+    assert!(VsockDevice::with_socket(5, &file).is_err());
+    assert_eq!(std::fs::read(&file).unwrap(), b"not a socket");
 }
 
 #[test]
