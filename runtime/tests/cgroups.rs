@@ -24,7 +24,11 @@ struct TestCgroup(Cgroup);
 
 impl TestCgroup {
     fn new(name: &str) -> TestCgroup {
-        let path = format!("{PARENT}/{name}-{}/ctr", std::process::id());
+        Self::under(PARENT, name)
+    }
+
+    fn under(parent: &str, name: &str) -> TestCgroup {
+        let path = format!("{parent}/{name}-{}/ctr", std::process::id());
         let cg = Cgroup::new(Some(&path), name).expect("resolve cgroup");
         cg.create().expect("create cgroup");
         TestCgroup(cg)
@@ -401,7 +405,10 @@ fn oom_kill_is_counted_and_reported() {
 
 #[test]
 fn hugetlb_limits_land_in_whichever_hierarchy_has_the_controller() {
-    let cg = TestCgroup::new("hugetlb");
+    // A parent of its own: enabling hugetlb on cgroup2 (hybrid) marks every ancestor, and
+    // the root can only be restored once no other test's cgroup is below it with it.
+    let parent = format!("/palisade-cg-hugetlb-{}", std::process::id());
+    let cg = TestCgroup::under(&parent, "hugetlb");
     let r = LinuxResourcesBuilder::default()
         .hugepage_limits(vec![LinuxHugepageLimitBuilder::default()
             .page_size("2MB")
