@@ -366,7 +366,7 @@ impl VmConfig {
                     format!("{} is reserved (use 3..=4294967294)", v.guest_cid),
                 ));
             }
-            check_socket_path("vsock uds_path", &v.uds_path)?;
+            check_socket_path("vsock uds_path", &v.uds_path, VSOCK_PORT_SUFFIX_MAX)?;
         }
         let mut ids = std::collections::HashSet::new();
         for b in &self.block {
@@ -393,23 +393,28 @@ impl VmConfig {
             ));
         }
         if let Some(p) = &self.api_socket {
-            check_socket_path("api_socket", p)?;
+            check_socket_path("api_socket", p, 0)?;
         }
         Ok(())
     }
 }
 
-/// `sockaddr_un.sun_path` holds 107 bytes plus the NUL. vsock also appends `_<port>`.
-fn check_socket_path(field: &'static str, path: &Path) -> Result<(), ConfigError> {
+/// Longest suffix vsock appends for guest-initiated connections: `_4294967295`.
+const VSOCK_PORT_SUFFIX_MAX: usize = 11;
+
+/// `sockaddr_un.sun_path` holds 107 bytes plus the NUL; `suffix` bytes are reserved for
+/// names derived from `path`.
+fn check_socket_path(field: &'static str, path: &Path, suffix: usize) -> Result<(), ConfigError> {
     let len = path.as_os_str().len();
+    let max = 107 - suffix;
     if len == 0 {
         return Err(invalid(field, "empty path"));
     }
-    if len > 107 {
+    if len > max {
         return Err(invalid(
             field,
             format!(
-                "{} is {len} bytes, Unix socket paths are limited to 107",
+                "{} is {len} bytes, at most {max} fit in a Unix socket address",
                 path.display()
             ),
         ));
@@ -567,6 +572,10 @@ mod tests {
         let long = format!("/{}", "s".repeat(120));
         let err = parse(&["--kernel", "/k", "--api-socket", &long]).unwrap_err();
         assert!(err.contains("invalid api_socket"), "{err}");
+        let vsock = format!("/{}", "v".repeat(100));
+        let err =
+            parse(&["--kernel", "/k", "--vsock-cid", "3", "--vsock-uds", &vsock]).unwrap_err();
+        assert!(err.contains("at most 96"), "{err}");
     }
 
     #[test]
