@@ -29,6 +29,8 @@ const COMMAND: u64 = 4;
 const STATUS_OUTPUT_FULL: u8 = 0x01;
 const STATUS_SYSTEM_FLAG: u8 = 0x04;
 const STATUS_LAST_WAS_COMMAND: u8 = 0x08;
+/// Keyboard not inhibited (the "keylock" switch is off).
+const STATUS_KBD_NOT_INHIBITED: u8 = 0x10;
 
 /// Controller configuration byte (CTR) bits.
 const CTR_KBD_INT: u8 = 0x01;
@@ -134,7 +136,7 @@ impl I8042 {
     }
 
     fn status(&self) -> u8 {
-        let mut status = STATUS_SYSTEM_FLAG;
+        let mut status = STATUS_SYSTEM_FLAG | STATUS_KBD_NOT_INHIBITED;
         if !self.output.is_empty() {
             status |= STATUS_OUTPUT_FULL;
         }
