@@ -88,6 +88,14 @@ pub(super) fn create(
     let default_linux = Linux::default();
     let linux = spec.linux().as_ref().unwrap_or(&default_linux);
     check_terminal(process.terminal().unwrap_or(false), &opts.terminal)?;
+    // LSM labels are set by orchestrators whenever the host has the LSM; this runtime does
+    // not load profiles, so say so instead of failing every CRI container.
+    if let Some(profile) = process.apparmor_profile() {
+        tracing::warn!(container = id, "process.apparmorProfile {profile:?} is not applied");
+    }
+    if let Some(label) = process.selinux_label() {
+        tracing::warn!(container = id, "process.selinuxLabel {label:?} is not applied");
+    }
     let cgroups_path = linux
         .cgroups_path()
         .as_ref()
