@@ -150,24 +150,25 @@ fn update_changes_limits_of_a_running_container() {
 }
 
 #[test]
-fn hostname_domainname_uid_gid_cwd_env_umask_rlimits() {
+fn hostname_domainname_uid_gid_cwd_env_umask_rlimits_oom_score() {
     let p = Palisade::new();
     let out = inside(
         &p,
         "names",
-        "hostname; cat /proc/sys/kernel/domainname; id -u; id -g; pwd; echo $GREETING; umask; ulimit -n; ulimit -Hn",
+        "hostname; cat /proc/sys/kernel/domainname; id -u; id -g; pwd; echo $GREETING; umask; ulimit -n; ulimit -Hn; cat /proc/self/oom_score_adj",
         |c| {
             c["hostname"] = "box-1".into();
             c["domainname"] = "example.test".into();
             c["process"]["user"] = json!({"uid": 4242, "gid": 4343, "umask": 23});
             c["process"]["cwd"] = "/tmp".into();
             c["process"]["env"].as_array_mut().unwrap().push("GREETING=hi".into());
+            c["process"]["oomScoreAdj"] = 500.into();
             c["process"]["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "hard": 512, "soft": 256}]);
         },
     );
     assert_eq!(
         out,
-        "box-1\nexample.test\n4242\n4343\n/tmp\nhi\n0027\n256\n512\n"
+        "box-1\nexample.test\n4242\n4343\n/tmp\nhi\n0027\n256\n512\n500\n"
     );
 }
 

@@ -159,7 +159,8 @@ pub fn mount_entry(cfg: &RootfsConfig, m: &Mount) -> Result<(), String> {
 
 /// The container's view of its cgroups at `dest` (usually `/sys/fs/cgroup`).
 ///
-/// On a pure cgroup v2 host this is one `cgroup2` mount. On v1 and hybrid hosts it is a
+/// On a pure cgroup v2 host this is a bind mount of the container's cgroup directory. On
+/// v1 and hybrid hosts it is a
 /// tmpfs with one directory per host hierarchy, each a bind mount of the container's own
 /// cgroup directory in that hierarchy, like runc does. (A fresh v1 mount would need
 /// CAP_SYS_ADMIN in the initial user namespace, so it fails in user-namespaced containers.)
@@ -176,8 +177,26 @@ fn mount_cgroup(
         .any(|m| m.mount_point == root && m.fs_type == "cgroup2");
     create_target(dest, true)?;
     if unified {
-        return mount(Some("cgroup2"), dest, Some("cgroup2"), flags, None::<&str>)
-            .map_err(sys(|| "mounting cgroup2".into()));
+        // The container's own cgroup, not the host's whole tree (with or without a cgroup
+        // namespace; a bind mount also works in a user namespace).
+        let path = own_cgroup_path(cfg.host_cgroups, "cgroup2", &[]).unwrap_or_default();
+        let source = root.join(path.trim_start_matches('/'));
+        mount(
+            Some(&source),
+            dest,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(sys(|| format!("bind-mounting {}", source.display())))?;
+        return mount(
+            None::<&str>,
+            dest,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | (flags & !MsFlags::MS_REMOUNT),
+            None::<&str>,
+        )
+        .map_err(sys(|| format!("remounting {}", dest.display())));
     }
     mount(
         Some("tmpfs"),
