@@ -91,10 +91,16 @@ pub(super) fn create(
     // LSM labels are set by orchestrators whenever the host has the LSM; this runtime does
     // not load profiles, so say so instead of failing every CRI container.
     if let Some(profile) = process.apparmor_profile() {
-        tracing::warn!(container = id, "process.apparmorProfile {profile:?} is not applied");
+        tracing::warn!(
+            container = id,
+            "process.apparmorProfile {profile:?} is not applied"
+        );
     }
     if let Some(label) = process.selinux_label() {
-        tracing::warn!(container = id, "process.selinuxLabel {label:?} is not applied");
+        tracing::warn!(
+            container = id,
+            "process.selinuxLabel {label:?} is not applied"
+        );
     }
     let cgroups_path = linux
         .cgroups_path()
