@@ -138,19 +138,21 @@ if [[ $prebuilt != 1 ]]; then
 fi
 bin_dir="$target_dir/x86_64-unknown-linux-gnu/release"
 
-guest_kernel="$build_dir/guest-kernel/vmlinux"
-if [[ $prebuilt != 1 && -x $repo/guest-kernel/build.sh ]]; then
+# PALISADE_TEST_HOST_GUEST_KERNEL / _GUEST_INITRAMFS: test these artefacts instead of
+# building the repo's (e.g. another kernel tree's vmlinux); no build script is run for them.
+guest_kernel=${PALISADE_TEST_HOST_GUEST_KERNEL:-$build_dir/guest-kernel/vmlinux}
+if [[ $prebuilt != 1 && -z ${PALISADE_TEST_HOST_GUEST_KERNEL:-} && -x $repo/guest-kernel/build.sh ]]; then
   log "guest kernel: guest-kernel/build.sh (skips itself when up to date)"
   BUILD_DIR="$build_dir/guest-kernel" "$repo/guest-kernel/build.sh" >&2 || die "guest-kernel/build.sh failed"
 fi
 if [[ -f $guest_kernel ]]; then
   component guest-kernel ok "$guest_kernel"
 else
-  component guest-kernel missing "guest-kernel/build.sh has not produced build/guest-kernel/vmlinux"
+  component guest-kernel missing "no $guest_kernel (guest-kernel/build.sh)"
 fi
 
-guest_initramfs="$build_dir/guest/initramfs.cpio.gz"
-if [[ $prebuilt != 1 && -x $repo/agent/build-initramfs.sh ]]; then
+guest_initramfs=${PALISADE_TEST_HOST_GUEST_INITRAMFS:-$build_dir/guest/initramfs.cpio.gz}
+if [[ $prebuilt != 1 && -z ${PALISADE_TEST_HOST_GUEST_INITRAMFS:-} && -x $repo/agent/build-initramfs.sh ]]; then
   log "guest initramfs: agent/build-initramfs.sh"
   CARGO_TARGET_DIR=$target_dir "$repo/agent/build-initramfs.sh" "$guest_initramfs" >&2 ||
     die "agent/build-initramfs.sh failed"
@@ -158,7 +160,7 @@ fi
 if [[ -f $guest_initramfs ]]; then
   component guest-initramfs ok "$guest_initramfs"
 else
-  component guest-initramfs missing "agent/build-initramfs.sh has not produced build/guest/initramfs.cpio.gz"
+  component guest-initramfs missing "no $guest_initramfs (agent/build-initramfs.sh)"
 fi
 
 # --- 4. Stage the L1 root ---------------------------------------------------------------

@@ -30,7 +30,7 @@ step start StartContainer "1=$id"
 eof=0
 reads=0
 while [ "$eof" != 1 ] && [ $reads -lt 200 ]; do
-  step read-stdout ReadStdout --save 1 "$WORK/stdout" "1=$id"
+  step read-stdout --save 1 "$WORK/stdout" ReadStdout "1=$id"
   eof=$(kv f2 "$STEP_OUT")
   reads=$((reads + 1))
 done

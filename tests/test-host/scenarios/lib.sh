@@ -70,12 +70,18 @@ vmm_start() {
   VMM_PID=$!
 }
 
-# agent CALL [FIELD...]: one ttrpc call to the agent through the VMM's socket
-# ($AGENT_TIMEOUT seconds for the connection and the answer, default 30).
+# agent [--save FIELD FILE] METHOD [FIELD...]: one ttrpc call to the agent through the VMM's
+# socket ($AGENT_TIMEOUT seconds for the connection and the answer, default 30); --save
+# appends the response's bytes field FIELD to FILE.
 agent() {
+  save=
+  if [ "$1" = --save ]; then
+    save="--save $2 $3"
+    shift 3
+  fi
   method=$1
   shift
-  th-helper ttrpc --timeout "${AGENT_TIMEOUT:-30}" "$VMM_SOCK" $AGENT_PORT $AGENT_SERVICE "$method" "$@"
+  th-helper ttrpc $save --timeout "${AGENT_TIMEOUT:-30}" "$VMM_SOCK" $AGENT_PORT $AGENT_SERVICE "$method" "$@"
 }
 
 # agent_wait_ready TIMEOUT_S: polls Check until the agent answers; sets AGENT_READY_MS (since

