@@ -145,6 +145,14 @@ fn spec_error(field: &str, e: AgentError) -> AgentError {
     }
 }
 
+/// The validated filesystems of a CreateContainer request.
+struct Filesystems {
+    rootfs: MountPlan,
+    /// Rootfs read-only under an overlay with a private tmpfs upper layer.
+    overlay: bool,
+    storages: Vec<(String, MountPlan)>,
+}
+
 impl Containers {
     pub fn new(runtime: Runtime, containers_dir: PathBuf, reaper: Reaper) -> Arc<Self> {
         let (oom_tx, oom_rx) = mpsc::channel(OOM_QUEUE);
@@ -222,6 +230,11 @@ impl Containers {
                 storage::plan(st, &format!("{field}.storage"))?,
             ));
         }
+        let filesystems = Filesystems {
+            rootfs,
+            overlay: req.rootfs_overlay,
+            storages,
+        };
         let tty = spec
             .process()
             .as_ref()
@@ -242,7 +255,7 @@ impl Containers {
             table.reserved.insert(id.clone());
         }
         let result = self
-            .create_reserved(&id, &mut spec, rootfs, storages, tty, req.stdin)
+            .create_reserved(&id, &mut spec, &filesystems, tty, req.stdin)
             .await;
         let mut table = lock(&self.table);
         table.reserved.remove(&id);
@@ -256,14 +269,13 @@ impl Containers {
         &self,
         id: &str,
         spec: &mut Spec,
-        rootfs: MountPlan,
-        storages: Vec<(String, MountPlan)>,
+        filesystems: &Filesystems,
         tty: bool,
         with_stdin: bool,
     ) -> Result<Arc<ContainerEntry>> {
         let dir = self.containers_dir.join(id);
         let mut mounts = Vec::new();
-        let prepared = prepare_bundle(&dir, spec, &rootfs, &storages, &mut mounts);
+        let prepared = prepare_bundle(&dir, spec, filesystems, &mut mounts);
         let result = match prepared {
             Ok(()) => {
                 self.create_in_bundle(id, &dir, tty, with_stdin, &mounts)
@@ -675,10 +687,14 @@ fn gone(id: &str) -> AgentError {
 fn prepare_bundle(
     dir: &Path,
     spec: &mut Spec,
-    rootfs: &MountPlan,
-    storages: &[(String, MountPlan)],
+    filesystems: &Filesystems,
     mounts: &mut Vec<PathBuf>,
 ) -> Result<()> {
+    let Filesystems {
+        rootfs,
+        overlay,
+        storages,
+    } = filesystems;
     if dir.exists() {
         // Left over from a crashed earlier attempt with this id: nothing of it is live
         // (the id was not in the table), so clear it.
@@ -686,7 +702,22 @@ fn prepare_bundle(
     }
     fs::create_dir_all(dir).context(|| format!("creating {}", dir.display()))?;
     let rootfs_dir = dir.join("rootfs");
-    storage::mount_at(rootfs, &rootfs_dir)?;
+    if *overlay {
+        let lower = dir.join("lower");
+        storage::mount_at(&rootfs.read_only(), &lower)?;
+        mounts.push(lower.clone());
+        let scratch = dir.join("scratch");
+        storage::mount_tmpfs(&scratch)?;
+        mounts.push(scratch.clone());
+        storage::mount_overlay(
+            &lower,
+            &scratch.join("upper"),
+            &scratch.join("work"),
+            &rootfs_dir,
+        )?;
+    } else {
+        storage::mount_at(rootfs, &rootfs_dir)?;
+    }
     mounts.push(rootfs_dir.clone());
     for (name, plan) in storages {
         let target = dir.join("storage").join(name);
@@ -710,8 +741,8 @@ fn cleanup_bundle(dir: &Path, mounts: &[PathBuf]) {
     for target in mounts.iter().rev() {
         storage::unmount(target);
     }
-    // Mounts a crashed earlier agent left behind.
-    for sub in ["rootfs", "storage"] {
+    // Mounts a crashed earlier agent left behind (the overlay before its layers).
+    for sub in ["rootfs", "storage", "scratch", "lower"] {
         let path = dir.join(sub);
         if sub == "storage" {
             if let Ok(entries) = fs::read_dir(&path) {

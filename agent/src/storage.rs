@@ -105,6 +105,53 @@ pub fn plan(storage: &Storage, field: &str) -> Result<MountPlan> {
     })
 }
 
+impl MountPlan {
+    /// The same mount, read-only.
+    pub fn read_only(&self) -> Self {
+        Self {
+            flags: self.flags | MsFlags::MS_RDONLY,
+            ..self.clone()
+        }
+    }
+}
+
+/// Mounts a tmpfs private to one container at `target` (mode 0755, nosuid, nodev).
+pub fn mount_tmpfs(target: &Path) -> Result<()> {
+    fs::create_dir_all(target).context(|| format!("creating {}", target.display()))?;
+    mount(
+        Some("tmpfs"),
+        target,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )
+    .context(|| format!("mounting tmpfs at {}", target.display()))
+}
+
+/// Mounts an overlayfs of `lower` (read-only) and `upper`/`work` (on the same filesystem)
+/// at `target`.
+pub fn mount_overlay(lower: &Path, upper: &Path, work: &Path, target: &Path) -> Result<()> {
+    for dir in [upper, work, target] {
+        fs::create_dir_all(dir).context(|| format!("creating {}", dir.display()))?;
+    }
+    // overlayfs splits its options at ',' and ':'; our paths are built from validated ids
+    // and names, which contain neither.
+    let data = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    mount(
+        Some("overlay"),
+        target,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(data.as_str()),
+    )
+    .context(|| format!("mounting overlay at {}", target.display()))
+}
+
 /// Mounts `plan` at `target` (created if missing).
 pub fn mount_at(plan: &MountPlan, target: &Path) -> Result<()> {
     match &plan.source {

@@ -783,3 +783,51 @@ async fn oom_kill_is_reported_by_get_oom_event() {
         .await
         .expect("remove");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlay_rootfs_keeps_the_shared_image_read_only() {
+    let agent = Agent::start();
+    let client = agent.client().await;
+    let image = agent.rootfs("image");
+    // Two containers on one read-only "image", each with its own writable layer.
+    for id in ["ov1", "ov2"] {
+        let mut req = create_request(
+            id,
+            &image,
+            &["sh", "-c", &format!("echo {id} > /written; cat /written; ls /written-by-* 2>&1; echo {id} > /written-by-{id}")],
+            false,
+        );
+        req.rootfs_overlay = true;
+        client
+            .create_container(ctx(), &req)
+            .await
+            .expect("CreateContainer");
+        client
+            .start_container(ctx(), &container_req(id))
+            .await
+            .expect("start");
+        let out = read_all(&client, id, "", false).await;
+        assert!(out.starts_with(&format!("{id}\n")), "{id}: {out:?}");
+        assert!(
+            !out.contains("written-by-ov1\n"),
+            "{id} sees another container's writes: {out:?}"
+        );
+        assert_eq!(wait(&client, id, "").await, 0);
+    }
+    assert!(!image.join("written").exists(), "the image was written to");
+    for id in ["ov1", "ov2"] {
+        client
+            .remove_container(
+                ctx(),
+                &RemoveContainerRequest {
+                    container_id: id.into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("remove");
+    }
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let state = agent.dir.path().join("state").display().to_string();
+    assert!(!mountinfo.contains(&state), "mounts left under {state}");
+}
