@@ -208,7 +208,15 @@ impl I8042 {
         self.last_was_command = false;
         let kind = std::mem::replace(&mut self.next_data, DataWrite::KeyboardCommand);
         match kind {
-            DataWrite::Ctr => self.ctr = byte,
+            DataWrite::Ctr => {
+                let enabling = self.ctr & CTR_KBD_INT == 0 && byte & CTR_KBD_INT != 0;
+                self.ctr = byte;
+                // The IRQ line follows "keyboard byte waiting && interrupt enabled": a byte
+                // that arrived while the interrupt was off is signalled once it is on.
+                if enabling && self.output.front().is_some_and(|o| o.from_keyboard) {
+                    self.raise_kbd_irq();
+                }
+            }
             DataWrite::OutputPort => {
                 self.output_port = byte;
                 // Bit 0 is the CPU reset line, active low.
@@ -411,6 +419,23 @@ mod tests {
         assert_eq!((data(&mut dev), data(&mut dev)), (KBD_ACK, KBD_BAT_OK));
         // Empty buffer: the last byte is read again, no panic.
         assert_eq!(data(&mut dev), KBD_BAT_OK);
+    }
+
+    #[test]
+    fn enabling_the_interrupt_signals_a_waiting_byte() {
+        let (_, cb) = counter();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut dev = I8042::new(cb, Some(irq.try_clone().unwrap()));
+        let ctr = command(&mut dev, CMD_READ_CTR, None).unwrap();
+        command(&mut dev, CMD_WRITE_CTR, Some(ctr & !CTR_KBD_INT));
+        dev.write(DATA, &[KBD_ECHO]);
+        assert!(irq.read().is_err(), "interrupt disabled");
+        dev.write(COMMAND, &[CMD_WRITE_CTR]);
+        dev.write(DATA, &[ctr | CTR_KBD_INT]);
+        assert_eq!(irq.read().unwrap(), 1);
+        assert_eq!(status(&mut dev) & STATUS_OUTPUT_FULL, STATUS_OUTPUT_FULL);
+        assert_eq!(data(&mut dev), KBD_ECHO);
+        assert_eq!(status(&mut dev) & STATUS_OUTPUT_FULL, 0);
     }
 
     #[test]
