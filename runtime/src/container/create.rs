@@ -275,6 +275,7 @@ pub(super) fn create(
     }
     parent_end.send(&Msg::Ack).map_err(Error::Child)?;
     cleanup.disarm();
+    tracing::debug!(container = id, pid, bundle = %bundle.path.display(), "created");
     drop(parent_end);
     Ok(Container {
         dir,

@@ -97,5 +97,6 @@ pub(super) fn exec(container: &Container, opts: ExecOptions) -> Result<ExecHandl
     if let Some(pid_file) = &opts.pid_file {
         utils::write_atomic(pid_file, pid.to_string().as_bytes())?;
     }
+    tracing::debug!(container = %state.id, pid, "exec");
     Ok(ExecHandle { pid, pty_master })
 }

@@ -228,6 +228,7 @@ impl Container {
             }
         }
         fs::remove_file(&fifo_path).context(|| format!("removing {}", fifo_path.display()))?;
+        tracing::debug!(container = %self.state.id, pid = self.state.pid, "started");
         let poststart = self
             .state
             .spec
@@ -245,6 +246,7 @@ impl Container {
     /// Sends `signal` to the init, or with `all` to every process of the container.
     pub fn kill(&self, signal: Signal, all: bool) -> Result<()> {
         let status = self.status();
+        tracing::debug!(container = %self.state.id, %signal, all, %status, "kill");
         if matches!(status, Status::Stopped | Status::Creating) && !all {
             return Err(Error::NotRunning);
         }
@@ -300,7 +302,9 @@ impl Container {
             }
         }
         self.state.cgroup.destroy()?;
-        self.dir.remove()
+        self.dir.remove()?;
+        tracing::debug!(container = %self.state.id, "deleted");
+        Ok(())
     }
 
     fn kill_and_wait(&self) -> Result<()> {

@@ -1,8 +1,9 @@
 //! Code that runs in the forked processes: the intermediate (namespaces) and the container
 //! process (rootfs, console, credentials, capabilities, seccomp, exec).
 //!
-//! Nothing here logs or panics on purpose: the only way out is `_exit`, with the reason
-//! sent to the caller over the channel first.
+//! Nothing here logs or panics on purpose (a fork of a multi-threaded caller must not take
+//! locks other threads may have held at the fork, such as the logger's): the only way out
+//! is `_exit`, with the reason sent to the caller over the channel first.
 
 use std::{
     ffi::CString,
@@ -104,9 +105,7 @@ fn intermediate(cfg: &ChildConfig) -> Result<(), String> {
     // Join the cgroup before creating a cgroup namespace, so that it is rooted there, and
     // before the container process exists, so that it never runs outside it.
     if let Some(cgroup) = cfg.cgroup {
-        cgroup
-            .add_process(getpid().as_raw())
-            .map_err(|e| format!("joining cgroup: {e}"))?;
+        join_cgroup(cgroup)?;
     }
     // Where the cgroup join put us, for the container's /sys/fs/cgroup; read before any
     // namespace is entered (a cgroup namespace would show "/", another mount namespace's
@@ -140,6 +139,19 @@ fn intermediate(cfg: &ChildConfig) -> Result<(), String> {
         Some(pid) => cfg.channel.send(&Msg::Pid(pid)),
         None => run_container_process(cfg, &host_cgroups),
     }
+}
+
+/// `Cgroup::add_process` for ourselves, without its logging: after a fork of a
+/// multi-threaded caller, the logger's lock may be held by a thread that does not exist
+/// here, and taking it would hang forever.
+fn join_cgroup(cgroup: &Cgroup) -> Result<(), String> {
+    let pid = getpid().as_raw().to_string();
+    for dir in cgroup.dirs() {
+        let procs = dir.join("cgroup.procs");
+        std::fs::write(&procs, &pid)
+            .map_err(|e| format!("joining cgroup: writing {}: {e}", procs.display()))?;
+    }
+    Ok(())
 }
 
 fn expect_ack(channel: &Channel) -> Result<(), String> {
