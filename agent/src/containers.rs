@@ -190,7 +190,7 @@ impl Containers {
     pub async fn create(&self, req: CreateContainerRequest) -> Result<u32> {
         validate_id("container_id", &req.container_id)?;
         check_size("spec_json", req.spec_json.len(), MAX_SPEC_BYTES)?;
-        let mut spec = palisade_runtime::spec::parse(&req.spec_json).map_err(|e| match e {
+        let spec = palisade_runtime::spec::parse(&req.spec_json).map_err(|e| match e {
             palisade_runtime::Error::InvalidSpec { field, msg } => {
                 AgentError::invalid(format!("spec_json.{field}"), msg)
             }
@@ -255,7 +255,7 @@ impl Containers {
             table.reserved.insert(id.clone());
         }
         let result = self
-            .create_reserved(&id, &mut spec, &filesystems, tty, req.stdin)
+            .create_reserved(&id, spec, filesystems, tty, req.stdin)
             .await;
         let mut table = lock(&self.table);
         table.reserved.remove(&id);
@@ -268,14 +268,21 @@ impl Containers {
     async fn create_reserved(
         &self,
         id: &str,
-        spec: &mut Spec,
-        filesystems: &Filesystems,
+        spec: Spec,
+        filesystems: Filesystems,
         tty: bool,
         with_stdin: bool,
     ) -> Result<Arc<ContainerEntry>> {
         let dir = self.containers_dir.join(id);
-        let mut mounts = Vec::new();
-        let prepared = prepare_bundle(&dir, spec, filesystems, &mut mounts);
+        // Mounting can wait for a device node; keep it off the async workers.
+        let bundle_dir = dir.clone();
+        let (mounts, prepared) = blocking(move || {
+            let mut spec = spec;
+            let mut mounts = Vec::new();
+            let prepared = prepare_bundle(&bundle_dir, &mut spec, &filesystems, &mut mounts);
+            Ok((mounts, prepared))
+        })
+        .await?;
         let result = match prepared {
             Ok(()) => {
                 self.create_in_bundle(id, &dir, tty, with_stdin, &mounts)
@@ -284,7 +291,13 @@ impl Containers {
             Err(e) => Err(e),
         };
         if result.is_err() {
-            cleanup_bundle(&dir, &mounts);
+            let cleanup = blocking(move || {
+                cleanup_bundle(&dir, &mounts);
+                Ok(())
+            });
+            if let Err(e) = cleanup.await {
+                tracing::warn!(container = %id, "cleanup after a failed create: {e}");
+            }
         }
         result
     }
