@@ -250,3 +250,27 @@ fn user_namespace_maps_ids() {
     assert_eq!(lines[3], "65534");
     assert_eq!(lines[4], "null");
 }
+
+#[test]
+fn time_namespace_offsets() {
+    let p = Palisade::new();
+    let out = inside(&p, "timens", "cut -d. -f1 /proc/uptime", |c| {
+        c["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"type": "time"}));
+        c["linux"]["timeOffsets"] = json!({"boottime": {"secs": 1000000, "nanosecs": 0}});
+    });
+    let host_uptime: u64 = std::fs::read_to_string("/proc/uptime")
+        .unwrap()
+        .split('.')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let inside: u64 = out.trim().parse().unwrap();
+    assert!(
+        inside >= host_uptime + 1_000_000 - 5 && inside <= host_uptime + 1_000_000 + 5,
+        "uptime inside {inside}, host {host_uptime}"
+    );
+}
