@@ -232,6 +232,8 @@ pub(super) fn create(
             Some((Msg::Pid(pid), _)) => {
                 init_pid = Some(pid);
                 cleanup.init = Some(Pid::from_raw(pid));
+                cgroup.add_process(pid)?;
+                parent_end.send(&Msg::CgroupJoined).map_err(Error::Child)?;
                 // The intermediate exits right after sending the pid.
                 let _ = waitpid(intermediate, None);
                 cleanup.intermediate = None;
@@ -240,7 +242,7 @@ pub(super) fn create(
             Some((Msg::PtyMaster, fd)) => pty_master = fd,
             Some((Msg::Ready, _)) => ready = true,
             Some((Msg::Error(msg), _)) => return Err(Error::Child(msg)),
-            Some((Msg::Ack | Msg::HooksDone(_), _)) => {
+            Some((Msg::Ack | Msg::HooksDone(_) | Msg::CgroupJoined, _)) => {
                 return Err(Error::Child(
                     "unexpected message from container init".into(),
                 ))

@@ -30,6 +30,8 @@ pub enum Msg {
     Ack,
     /// Intermediate → caller: the pid of the container process (the caller's child).
     Pid(i32),
+    /// Caller → container init: it has been moved into its cgroup.
+    CgroupJoined,
     /// Container init → caller: mounts are done; run prestart/createRuntime hooks and send
     /// the state for createContainer and startContainer hooks.
     RunHooks,

@@ -102,19 +102,11 @@ pub(crate) fn run_intermediate(cfg: &ChildConfig) -> ! {
 
 fn intermediate(cfg: &ChildConfig) -> Result<(), String> {
     fork::close_fds_except(&cfg.keep_fds());
-    // Join the cgroup before creating a cgroup namespace, so that it is rooted there, and
-    // before the container process exists, so that it never runs outside it.
-    if let Some(cgroup) = cfg.cgroup {
+    // An exec'd process joins the container's cgroup here, before it exists. The init is
+    // moved by the caller while it sets up its rootfs (see `CgroupGate`).
+    if let (Some(cgroup), Role::Exec) = (cfg.cgroup, &cfg.role) {
         join_cgroup(cgroup)?;
     }
-    // Where the cgroup join put us, for the container's /sys/fs/cgroup; read before any
-    // namespace is entered (a cgroup namespace would show "/", another mount namespace's
-    // /proc would not know our pid).
-    let host_cgroups = match cfg.role {
-        Role::Init(_) => std::fs::read_to_string("/proc/self/cgroup")
-            .map_err(|e| format!("reading /proc/self/cgroup: {e}"))?,
-        Role::Exec => String::new(),
-    };
     // Open every namespace file before entering any (paths may resolve differently after).
     let to_join = cfg.plan.open()?;
     if cfg.plan.new_user {
@@ -131,13 +123,19 @@ fn intermediate(cfg: &ChildConfig) -> Result<(), String> {
         namespaces::join(*typ, fd)?;
     }
     drop(to_join);
-    namespaces::create(cfg.plan.unshare)?;
+    // The init's cgroup namespace is created after it joined its cgroup (the namespace is
+    // rooted where its creator is).
+    let mut unshare = cfg.plan.unshare;
+    if matches!(cfg.role, Role::Init(_)) {
+        unshare.remove(CloneFlags::CLONE_NEWCGROUP);
+    }
+    namespaces::create(unshare)?;
     if let Role::Init(init) = &cfg.role {
         write_time_offsets(init.spec, cfg.plan)?;
     }
     match fork::clone_parent()? {
         Some(pid) => cfg.channel.send(&Msg::Pid(pid)),
-        None => run_container_process(cfg, &host_cgroups),
+        None => run_container_process(cfg),
     }
 }
 
@@ -190,8 +188,8 @@ fn write_time_offsets(spec: &Spec, plan: &namespaces::Plan) -> Result<(), String
 }
 
 /// Entry point of the container process (after `clone_parent` in the intermediate).
-fn run_container_process(cfg: &ChildConfig, host_cgroups: &str) -> ! {
-    let Err(msg) = container_process(cfg, host_cgroups);
+fn run_container_process(cfg: &ChildConfig) -> ! {
+    let Err(msg) = container_process(cfg);
     if cfg.channel.send(&Msg::Error(msg.clone())).is_err() {
         // Nobody listens any more (after `Ready`): the container's stderr is the only
         // place left for the reason.
@@ -206,10 +204,39 @@ fn sys(what: &str) -> impl FnOnce(Errno) -> String + '_ {
     move |e| format!("{what}: {}", e.desc())
 }
 
-fn container_process(
-    cfg: &ChildConfig,
-    host_cgroups: &str,
-) -> Result<std::convert::Infallible, String> {
+/// The init's wait for its cgroup. Moving a process between v1 cgroups costs the kernel
+/// an RCU grace period (milliseconds), so the caller does it while the init mounts its
+/// rootfs; the init only waits where it needs the result: before mounting
+/// `/sys/fs/cgroup`, and in any case before running hooks or the user's program.
+struct CgroupGate<'a> {
+    channel: &'a Channel,
+    new_cgroup_ns: bool,
+    /// `/proc/self/cgroup` as read after the join, before the cgroup namespace exists.
+    membership: std::cell::OnceCell<String>,
+}
+
+impl CgroupGate<'_> {
+    fn wait(&self) -> Result<String, String> {
+        if let Some(m) = self.membership.get() {
+            return Ok(m.clone());
+        }
+        match self.channel.recv()? {
+            Some((Msg::CgroupJoined, _)) => {}
+            Some((other, _)) => return Err(format!("unexpected message {other:?}")),
+            None => return Err("the runtime went away".into()),
+        }
+        // Still the host's /proc (before pivot_root), where our host pid is known.
+        let membership = std::fs::read_to_string("/proc/self/cgroup")
+            .map_err(|e| format!("reading /proc/self/cgroup: {e}"))?;
+        if self.new_cgroup_ns {
+            namespaces::create(CloneFlags::CLONE_NEWCGROUP)?;
+        }
+        let _ = self.membership.set(membership.clone());
+        Ok(membership)
+    }
+}
+
+fn container_process(cfg: &ChildConfig) -> Result<std::convert::Infallible, String> {
     let process = cfg.process;
     // Move the stdio fds out of the way of 0-2 and the preserved fds first, so that the
     // dup2s below cannot overwrite each other.
@@ -232,6 +259,12 @@ fn container_process(
         if !init.no_new_keyring {
             join_session_keyring(init.id)?;
         }
+        let gate = CgroupGate {
+            channel: cfg.channel,
+            new_cgroup_ns: cfg.plan.unshare.contains(CloneFlags::CLONE_NEWCGROUP),
+            membership: std::cell::OnceCell::new(),
+        };
+        let wait_for_cgroup = || gate.wait();
         let rootfs_cfg = rootfs::RootfsConfig {
             spec: init.spec,
             rootfs: init.rootfs,
@@ -242,10 +275,11 @@ fn container_process(
                     .join
                     .iter()
                     .any(|(t, _)| *t == LinuxNamespaceType::User),
-            host_cgroups,
+            cgroup_membership: &wait_for_cgroup,
         };
         umask(Mode::empty());
         rootfs::prepare(&rootfs_cfg)?;
+        gate.wait()?;
         if init.has_hooks {
             cfg.channel.send(&Msg::RunHooks)?;
             state_json = match cfg.channel.recv()? {

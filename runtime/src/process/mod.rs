@@ -5,16 +5,20 @@
 //! ```text
 //!  caller (maybe multi-threaded)          intermediate (fork)            container process
 //!  ─────────────────────────────          ───────────────────            ─────────────────
-//!  fork ───────────────────────────────▶  close stray fds, join cgroup
+//!  fork ───────────────────────────────▶  close stray fds
+//!                                         [exec: join cgroup]
 //!                                         [unshare user ns] ─NeedIdMaps▶
 //!  write uid/gid maps ─────────Ack──────▶ setns / unshare
 //!                                         clone(CLONE_PARENT) ─────────▶ (child of caller)
-//!  ◀───────────────────────────Pid(n)──── exit(0)
-//!  waitpid(intermediate)                                                 mounts, /dev
+//!  ◀───────────────────────────Pid(n)──── exit(0)                        mounts ...
+//!  waitpid(intermediate)
+//!  [init: move n into its cgroup] ────────────────────CgroupJoined────▶ unshare cgroup ns,
+//!                                                                        /sys/fs/cgroup, /dev
 //!  prestart/createRuntime hooks ◀──────────────────────────RunHooks───── (if any hooks)
 //!  ───────────────────────────HooksDone(state)────────────────────────▶ createContainer hooks
 //!                                                                        pivot_root, caps, user
-//!  ◀─────────────────────────────────────────────────────────Ready──── open exec.fifo (blocks)
+//!  ◀─────────────────────────────────────────────────────────Ready────
+//!  write state.json ─────────────────────────────────────────Ack──────▶ open exec.fifo (blocks)
 //! ```
 //! Messages travel over a `SOCK_SEQPACKET` socket pair ([`channel`]); a container
 //! process's failure arrives as `Error(text)` and becomes [`Error::Child`](crate::Error::Child).

@@ -31,9 +31,10 @@ pub struct RootfsConfig<'a> {
     /// The init runs in a new user namespace: device nodes are bind-mounted from the host
     /// instead of created (`mknod` is not allowed there).
     pub in_user_ns: bool,
-    /// `/proc/self/cgroup` as read before the cgroup namespace was created (inside it,
-    /// every path reads `/`): where the container's cgroups are in each host hierarchy.
-    pub host_cgroups: &'a str,
+    /// Waits until the init is in its cgroup and returns `/proc/self/cgroup` as read
+    /// before the cgroup namespace was created (inside it, every path reads `/`): where
+    /// the container's cgroups are in each host hierarchy.
+    pub cgroup_membership: &'a dyn Fn() -> Result<String, String>,
 }
 
 fn sys(what: impl FnOnce() -> String) -> impl FnOnce(nix::Error) -> String {

@@ -170,6 +170,7 @@ fn mount_cgroup(
     opts: &options::MountOptions,
 ) -> Result<(), String> {
     let flags = opts.flags & !(MsFlags::MS_BIND | MsFlags::MS_REC);
+    let host_cgroups = (cfg.cgroup_membership)()?;
     let host = mountinfo()?;
     let root = Path::new("/sys/fs/cgroup");
     let unified = host
@@ -179,7 +180,7 @@ fn mount_cgroup(
     if unified {
         // The container's own cgroup, not the host's whole tree (with or without a cgroup
         // namespace; a bind mount also works in a user namespace).
-        let path = own_cgroup_path(cfg.host_cgroups, "cgroup2", &[]).unwrap_or_default();
+        let path = own_cgroup_path(&host_cgroups, "cgroup2", &[]).unwrap_or_default();
         let source = root.join(path.trim_start_matches('/'));
         mount(
             Some(&source),
@@ -220,7 +221,7 @@ fn mount_cgroup(
             .split(',')
             .filter(|o| m.fs_type == "cgroup" && *o != "rw" && *o != "ro")
             .collect();
-        let path = own_cgroup_path(cfg.host_cgroups, &m.fs_type, &controllers).unwrap_or_default();
+        let path = own_cgroup_path(&host_cgroups, &m.fs_type, &controllers).unwrap_or_default();
         let source = m.mount_point.join(path.trim_start_matches('/'));
         mount(
             Some(&source),
