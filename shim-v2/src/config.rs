@@ -81,6 +81,7 @@ impl fmt::Display for Mode {
 pub struct Config {
     pub shim: ShimConfig,
     pub native: NativeConfig,
+    pub vm: VmConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -130,6 +131,53 @@ impl Default for NativeConfig {
             engine: EngineKind::Library,
             runtime_root: PathBuf::from("/run/palisade"),
             runtime_binary: PathBuf::from("palisade"),
+        }
+    }
+}
+
+/// VM mode: the microVM each pod runs in (see `deploy/configuration.toml`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmConfig {
+    /// The `palisade-vmm` binary.
+    pub vmm: PathBuf,
+    /// Guest kernel (PVH `vmlinux`, built by `guest-kernel/build.sh`).
+    pub kernel: PathBuf,
+    /// Guest initramfs with `palisade-agent` as `/init` (`agent/build-initramfs.sh`).
+    pub initramfs: PathBuf,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Kernel messages and the agent's log on the guest console (written to
+    /// `<bundle>/vm-console.log` either way; without this the kernel is `quiet`).
+    pub debug_console: bool,
+    /// How long the guest may take from VMM start until the agent answers `Check`.
+    pub boot_timeout_secs: u64,
+    /// Bound on every agent request that is not a long poll (reads of output, waits).
+    pub agent_timeout_secs: u64,
+    /// Per-VM state (hybrid-vsock socket, rootfs images); kept short because the vsock
+    /// socket path is limited to 108 bytes.
+    pub state_dir: PathBuf,
+    /// Empty virtio-blk drives attached at VM start for the pod's later containers (the
+    /// VMM cannot hot-add drives): each later container's rootfs is written into one.
+    pub spare_disks: u32,
+    /// Size of a spare drive (sparse file); a later container's rootfs must fit.
+    pub disk_size_mib: u64,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            vmm: PathBuf::from("/usr/local/bin/palisade-vmm"),
+            kernel: PathBuf::from("/usr/share/palisade/vmlinux"),
+            initramfs: PathBuf::from("/usr/share/palisade/initramfs.cpio.gz"),
+            vcpus: 1,
+            memory_mib: 256,
+            debug_console: false,
+            boot_timeout_secs: 60,
+            agent_timeout_secs: 30,
+            state_dir: PathBuf::from("/run/palisade/vm"),
+            spare_disks: 3,
+            disk_size_mib: 512,
         }
     }
 }
@@ -270,6 +318,21 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("\"kvm\""));
+    }
+
+    #[test]
+    fn vm_section_parses_with_defaults_for_the_rest() {
+        let config = Config::parse(
+            "[shim]\ndefault_mode = \"vm\"\n[vm]\nkernel = \"/k\"\nvcpus = 2\nmemory_mib = 512\n",
+        )
+        .unwrap();
+        assert_eq!(config.shim.default_mode, Mode::Vm);
+        assert_eq!(config.vm.kernel, PathBuf::from("/k"));
+        assert_eq!(config.vm.vcpus, 2);
+        assert_eq!(config.vm.memory_mib, 512);
+        assert_eq!(config.vm.vmm, VmConfig::default().vmm);
+        let err = Config::parse("[vm]\nmemory = 1\n").unwrap_err();
+        assert!(err.to_string().contains("memory"), "{err}");
     }
 
     #[test]

@@ -27,6 +27,7 @@ use crate::{
     reaper::Exit,
     sandbox::{
         native::{engine_from_config, NativeSandbox},
+        vm::VmSandbox,
         Sandbox, TaskError,
     },
 };
@@ -35,7 +36,7 @@ pub struct TaskService {
     namespace: String,
     events: EventSink,
     sandbox: Mutex<Option<Arc<dyn Sandbox>>>,
-    /// Exits from the reaper, handed to the native sandbox when it is made.
+    /// Exits from the reaper, handed to the pod's sandbox when it is made.
     reaped: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Exit>>>,
     exit: Arc<ExitSignal>,
 }
@@ -94,9 +95,14 @@ impl TaskService {
                 NativeSandbox::new(engine, &self.namespace, self.events.clone(), reaped)
             }
             Mode::Vm => {
-                return Err(TaskError::Unavailable(
-                    "vm mode is not yet available on this host".into(),
-                ))
+                // The VMM is the shim's child: its exit comes through the reaper.
+                let reaped = self
+                    .reaped
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take()
+                    .ok_or_else(|| TaskError::Internal("reaper already taken".into()))?;
+                VmSandbox::new(config.vm.clone(), self.events.clone(), reaped)
             }
         };
         info!(%mode, "pod sandbox ready");

@@ -1,8 +1,9 @@
 //! A pod's sandbox: the isolation boundary its containers run in. Native mode runs them
-//! on the host with `palisade-runtime`; VM mode (a later issue) will run them in a
-//! microVM. The Task service talks to whichever [`Sandbox`] the pod's mode selects.
+//! on the host with `palisade-runtime`; VM mode runs them in a microVM through the
+//! in-guest agent. The Task service talks to whichever [`Sandbox`] the pod's mode selects.
 
 pub mod native;
+pub mod vm;
 
 use async_trait::async_trait;
 use containerd_shim_protos::{
