@@ -1,7 +1,8 @@
 //! The ttrpc protocol between palisade's shim (host) and `palisade-agent` (guest).
 //!
 //! `protos/agent.proto` is the source of truth; this crate exposes the generated protobuf
-//! messages ([`agent`]) and the async ttrpc client and server stubs ([`agent_ttrpc`]).
+//! messages ([`agent`]) and the async ttrpc client and server stubs ([`agent_ttrpc`]), and
+//! connects to an agent through a VMM's hybrid-vsock socket ([`hybrid_vsock`]).
 
 /// Protocol revision within `palisade.agent.v1`, reported by `Check`. Bumped for compatible
 /// additions; incompatible changes get a new proto package.
@@ -9,6 +10,8 @@ pub const PROTOCOL_VERSION: u32 = 1;
 
 /// The vsock port the agent listens on by default.
 pub const DEFAULT_VSOCK_PORT: u32 = 1024;
+
+pub mod hybrid_vsock;
 
 /// Protobuf messages of `palisade.agent.v1`.
 // Generated code: lints are the generator's business (its inner allows were stripped by build.rs).
