@@ -34,7 +34,7 @@ if [ "$serving" != 1 ]; then
   fail boot "Check answered but serving=${serving:-false}: $(echo "$CHECK_OUT" | tr '\n' ' ')"
 else
   info=$(agent GuestInfo)
-  pass boot "agent Check answered ${AGENT_READY_MS} ms after VMM start (protocol $(kv f1 "$CHECK_OUT"), agent $(kv f2 "$CHECK_OUT")); guest kernel $(kv f1 "$info"), $(kv f3 "$info") cpu(s)"
+  pass boot "agent Check answered ${AGENT_READY_MS} ms after VMM start, $(serving_ms) ms to its serving line (protocol $(kv f1 "$CHECK_OUT"), agent $(kv f2 "$CHECK_OUT")); guest kernel $(kv f1 "$info"), $(kv f3 "$info") cpu(s)"
 fi
 
 # A second connection on the same socket while the first is gone: the VMM's vsock muxer

@@ -68,6 +68,16 @@ vmm_start() {
   VMM_START_MS=$(now_ms)
   palisade-vmm $VMM_BOOT_FLAGS --cmdline "$GUEST_CMDLINE" --vsock-socket "$VMM_SOCK" "$@" >"$VMM_LOG" 2>&1 &
   VMM_PID=$!
+  # When the agent's "serving" line appears, relative to the VMM's start: tells a slow boot
+  # from a slow vsock path when Check takes long.
+  th-helper wait-log "$VMM_LOG" "$AGENT_READY_MARKER" 120 >"$WORK/$name.serving" &
+  SERVING_WATCH_PID=$!
+}
+
+# serving_ms: ms from VMM start to the agent's "serving" line ("?" if not seen yet).
+serving_ms() {
+  v=$(kv found_ms "$(cat "$WORK/$name.serving" 2>/dev/null)")
+  echo "${v:-?}"
 }
 
 # agent [--save FIELD FILE] METHOD [FIELD...]: one ttrpc call to the agent through the VMM's
@@ -122,6 +132,7 @@ vmm_wait_exit() {
 # vmm_stop: ends a VMM still running (kill -9; the scenarios that test shutdown paths do
 # their own), so nothing outlives the scenario.
 vmm_stop() {
+  [ -n "$SERVING_WATCH_PID" ] && kill "$SERVING_WATCH_PID" 2>/dev/null
   if [ -n "$VMM_PID" ] && kill -0 "$VMM_PID" 2>/dev/null; then
     kill -9 "$VMM_PID" 2>/dev/null
     wait "$VMM_PID" 2>/dev/null

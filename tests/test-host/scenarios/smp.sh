@@ -25,7 +25,7 @@ info=$(agent GuestInfo)
 cpus=$(kv f3 "$info")
 threads=$(ls /proc/$VMM_PID/task | wc -l)
 if [ "$cpus" = 2 ]; then
-  pass smp "agent GuestInfo: 2 online CPUs (VMM has $threads threads), agent ready in ${AGENT_READY_MS} ms"
+  pass smp "agent GuestInfo: 2 online CPUs (VMM has $threads threads), agent Check answered in ${AGENT_READY_MS} ms (serving line at $(serving_ms) ms)"
 else
   fail smp "agent GuestInfo reports ${cpus:-?} online CPUs with --vcpus 2: $(echo "$info" | tr '\n' ' ')"
 fi
