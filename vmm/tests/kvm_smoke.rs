@@ -320,7 +320,8 @@ fn host_vsock_peer_is_served_under_seccomp() {
     }
     for _ in 0..3 {
         let mut peer = UnixStream::connect(&sock).unwrap();
-        peer.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        peer.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
         peer.write_all(b"CONNECT 1024\n").unwrap();
         let mut reply = Vec::new();
         let _ = std::io::Read::read_to_end(&mut peer, &mut reply);
