@@ -47,6 +47,22 @@ pub fn virtio_probe_guest(mmio_base: u64) -> Vec<u8> {
     code
 }
 
+/// Polls COM1's line status until a byte arrives, echoes it followed by "\n", and resets.
+pub fn serial_echo_guest() -> Vec<u8> {
+    let mut code = vec![
+        0x66, 0xba, 0xfd, 0x03, // mov dx, 0x3fd (line status)
+        0xec, // poll: in al, dx
+        0xa8, 0x01, // test al, 1 (data ready)
+        0x74, 0xfb, // jz poll
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xec, // in al, dx (receive buffer)
+        0xee, // out dx, al (echo)
+        0xb0, b'\n', 0xee, // mov al, '\n'; out dx, al
+    ];
+    code.extend_from_slice(&RESET_AND_PARK);
+    code
+}
+
 /// Executes `ud2` with no usable IDT: #UD -> #GP -> #DF -> triple fault.
 pub fn triple_fault_guest() -> Vec<u8> {
     vec![0x0f, 0x0b]

@@ -346,3 +346,27 @@ fn host_vsock_peer_is_served_under_seccomp() {
     );
     assert!(!sock.exists());
 }
+
+#[test]
+fn serial_input_from_stdin_reaches_the_guest() {
+    // stdin -> device event loop -> UART receive FIFO -> guest polls LSR, echoes the byte.
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = write_guest(dir.path(), "echo.elf", &testing::serial_echo_guest());
+    let mut child = Command::new(VMM)
+        .args(["--kernel", kernel.to_str().unwrap(), "--serial-input"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.as_mut().unwrap().write_all(b"Z").unwrap();
+    wait_with_timeout(&mut child, Duration::from_secs(30));
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"Z\n");
+}
