@@ -119,7 +119,7 @@ pub struct ExecArgs {
     /// Working directory.
     #[arg(long)]
     cwd: Option<PathBuf>,
-    /// uid[:gid].
+    /// `uid[:gid]`.
     #[arg(short, long)]
     user: Option<String>,
     /// Extra capabilities.
