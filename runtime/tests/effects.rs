@@ -137,6 +137,24 @@ fn update_changes_limits_of_a_running_container() {
     assert_eq!(read(), "17\n");
     p.ok(&["update", "--pids-limit", "23", &id]);
     assert_eq!(read(), "23\n");
+    // --resources - reads stdin.
+    let mut child = p
+        .cmd()
+        .args(["update", "--resources", "-", &id])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        &mut child.stdin.take().unwrap(),
+        json!({"pids": {"limit": 29}}).to_string().as_bytes(),
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(read(), "29\n");
+    p.ok(&["update", "--pids-limit", "23", &id]);
+    let list: Value = serde_json::from_str(&p.ok(&["list", "--format", "json"])).unwrap();
+    assert_eq!(list[0]["id"], id.as_str());
+    assert_eq!(list[0]["status"], "running");
     let stats: Value = serde_json::from_str(&p.ok(&["events", "--stats", &id])).unwrap();
     assert_eq!(stats["type"], "stats");
     assert_eq!(stats["id"], id.as_str());
@@ -145,6 +163,20 @@ fn update_changes_limits_of_a_running_container() {
     assert_eq!(stats["data"]["pids"]["limit"], 23);
     assert!(stats["data"]["memory"]["usage"]["usage"].as_u64().unwrap() > 0);
     assert!(stats["data"]["cpu"]["usage"]["total"].as_u64().unwrap() > 0);
+    // Without --stats, events streams until the container stops.
+    let mut events = p
+        .cmd()
+        .args(["events", "--interval", "100ms", &id])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(events.stdout.take().unwrap()));
+    for _ in 0..2 {
+        let event: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        assert_eq!(event["type"], "stats");
+    }
+    p.ok(&["kill", &id, "KILL"]);
+    assert!(events.wait().unwrap().success());
     p.ok(&["delete", "--force", &id]);
     p.assert_no_leftovers(&id, &b);
 }
