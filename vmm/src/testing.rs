@@ -63,6 +63,41 @@ pub fn serial_echo_guest() -> Vec<u8> {
     code
 }
 
+/// Pokes everything it can reach, then prints "OK\n" and resets: for each port below
+/// 0x1000 a byte read, a zero byte write (harmless for the reset ports: 0x64 needs 0xfe,
+/// 0xcf9 needs bit 2), 16- and 32-bit reads and a 32-bit write of what was read; then for
+/// each 32-bit word of the first two virtio-mmio windows, writes its inverted value back.
+pub fn hostile_guest(mmio_base: u64) -> Vec<u8> {
+    let mut code = vec![
+        0x31, 0xc9, // xor ecx, ecx
+        // ports:
+        0x89, 0xca, // mov edx, ecx
+        0xec, // in al, dx
+        0xb0, 0x00, // mov al, 0
+        0xee, // out dx, al
+        0x66, 0xed, // in ax, dx
+        0xed, // in eax, dx
+        0xef, // out dx, eax
+        0xff, 0xc1, // inc ecx
+        0x81, 0xf9, 0x00, 0x10, 0x00, 0x00, // cmp ecx, 0x1000
+        0x75, 0xec, // jne ports (-20)
+        0x48, 0xbb, // movabs rbx, mmio_base
+    ];
+    code.extend_from_slice(&mmio_base.to_le_bytes());
+    code.extend_from_slice(&[
+        0xb9, 0x00, 0x08, 0x00, 0x00, // mov ecx, 0x800 (two 4 KiB windows)
+        // words:
+        0x8b, 0x03, // mov eax, [rbx]
+        0xf7, 0xd0, // not eax
+        0x89, 0x03, // mov [rbx], eax
+        0x48, 0x83, 0xc3, 0x04, // add rbx, 4
+        0xff, 0xc9, // dec ecx
+        0x75, 0xf2, // jnz words (-14)
+    ]);
+    code.extend_from_slice(&serial_ok_guest());
+    code
+}
+
 /// Executes `ud2` with no usable IDT: #UD -> #GP -> #DF -> triple fault.
 pub fn triple_fault_guest() -> Vec<u8> {
     vec![0x0f, 0x0b]
@@ -152,6 +187,17 @@ mod tests {
         assert_eq!(code[jnz], 0x75);
         assert_eq!((jnz as i64 + 2) + (code[jnz + 1] as i8 as i64), 19);
         assert_eq!(&code[2..10], &0xd000_0000u64.to_le_bytes());
+    }
+
+    #[test]
+    fn hostile_guest_branches() {
+        let code = hostile_guest(0xd000_0000);
+        // Port loop: starts at 2, jne at 20..22.
+        assert_eq!(code[20], 0x75);
+        assert_eq!(22 + (code[21] as i8 as i64), 2);
+        // MMIO loop: movabs at 22..32, mov ecx 32..37, loop at 37, jnz at 49..51.
+        assert_eq!(code[49], 0x75);
+        assert_eq!(51 + (code[50] as i8 as i64), 37);
     }
 
     #[test]
