@@ -331,6 +331,8 @@ impl Containers {
         .await
         .map_err(|e| spec_error("spec_json", e))?;
         let Some(pid) = container.pid() else {
+            drop(guard);
+            self.discard(container).await;
             return Err(AgentError::FailedPrecondition(format!(
                 "container {id:?} has no init pid"
             )));
@@ -338,17 +340,17 @@ impl Containers {
         let exit = guard.register(pid);
         drop(guard);
 
-        let (stdin, stdout, pty) = match container.take_pty_master() {
-            Some(master) => {
-                let resize = master
-                    .as_fd()
-                    .try_clone_to_owned()
-                    .context(|| "dup pty master".into())?;
-                let (stdin, out) =
-                    stdio::pty_streams(master, with_stdin).context(|| "pty streams".into())?;
-                (stdin, Some(out), Some(resize))
+        let pty_master = container.take_pty_master();
+        let streams = match pty_master {
+            Some(master) => pty_setup(master, with_stdin),
+            None => Ok((stdin, stdout, None)),
+        };
+        let (stdin, stdout, pty) = match streams {
+            Ok(streams) => streams,
+            Err(e) => {
+                self.discard(container).await;
+                return Err(e);
             }
-            None => (stdin, stdout, None),
         };
         Ok(Arc::new(ContainerEntry {
             id: id.to_owned(),
@@ -366,6 +368,22 @@ impl Containers {
             mounts: mounts.to_vec(),
             oom_kills: Mutex::new(0),
         }))
+    }
+
+    /// Force-deletes a container the agent could not finish setting up, so a failed
+    /// CreateContainer leaves no process, cgroup or runtime state behind.
+    async fn discard(&self, container: palisade_runtime::Container) {
+        let id = container.id().to_owned();
+        let _guard = self.reaper.lock().await;
+        let result = blocking(move || {
+            container
+                .delete(true)
+                .runtime_context(|| "deleting a half-created container".into())
+        })
+        .await;
+        if let Err(e) = result {
+            tracing::error!(container = %id, "{e}");
+        }
     }
 
     pub async fn start(&self, id: &str) -> Result<()> {
@@ -433,17 +451,21 @@ impl Containers {
         let exit = guard.register(handle.pid);
         drop(guard);
 
-        let (stdin, stdout, pty) = match handle.pty_master {
-            Some(master) => {
-                let resize = master
-                    .as_fd()
-                    .try_clone_to_owned()
-                    .context(|| "dup pty master".into())?;
-                let (stdin, out) =
-                    stdio::pty_streams(master, req.stdin).context(|| "pty streams".into())?;
-                (stdin, Some(out), Some(resize))
+        let streams = match handle.pty_master {
+            Some(master) => pty_setup(master, req.stdin),
+            None => Ok((stdin, stdout, None)),
+        };
+        let (stdin, stdout, pty) = match streams {
+            Ok(streams) => streams,
+            Err(e) => {
+                // Under the reaper lock, no published status means not reaped: the pid
+                // is still this process.
+                let _guard = self.reaper.lock().await;
+                if exit.borrow().is_none() {
+                    let _ = kill(Pid::from_raw(handle.pid), Signal::SIGKILL);
+                }
+                return Err(e);
             }
-            None => (stdin, stdout, None),
         };
         let process = Arc::new(Process {
             pid: handle.pid,
@@ -689,6 +711,22 @@ impl Containers {
             .await
             .ok_or_else(|| AgentError::FailedPrecondition("OOM watcher stopped".into()))
     }
+}
+
+/// Agent-side streams over a pty master: (stdin, output, resize handle).
+type PtyStreams = (
+    Option<stdio::Stream>,
+    Option<stdio::Stream>,
+    Option<OwnedFd>,
+);
+
+fn pty_setup(master: OwnedFd, with_stdin: bool) -> Result<PtyStreams> {
+    let resize = master
+        .as_fd()
+        .try_clone_to_owned()
+        .context(|| "dup pty master".into())?;
+    let (stdin, out) = stdio::pty_streams(master, with_stdin).context(|| "pty streams".into())?;
+    Ok((stdin, Some(out), Some(resize)))
 }
 
 fn gone(id: &str) -> AgentError {
