@@ -304,8 +304,12 @@ fn failing_hook_fails_create_and_leaves_nothing() {
 #[test]
 fn console_socket_receives_the_pty_master() {
     let p = Palisade::new();
-    let b = Bundle::busybox(&["sh", "-c", "tty; echo tty-ok"]).unwrap();
-    b.edit(|c| c["process"]["terminal"] = true.into()).unwrap();
+    let b = Bundle::busybox(&["sh", "-c", "tty; stty size; echo tty-ok"]).unwrap();
+    b.edit(|c| {
+        c["process"]["terminal"] = true.into();
+        c["process"]["consoleSize"] = json!({"height": 31, "width": 97});
+    })
+    .unwrap();
     let sock_path = b.path().join("console.sock");
     let listener = UnixListener::bind(&sock_path).unwrap();
     let id = id("tty");
@@ -360,7 +364,7 @@ fn console_socket_receives_the_pty_master() {
     }
     let text = String::from_utf8_lossy(&output);
     assert!(
-        text.contains("/dev/pts/0") && text.contains("tty-ok"),
+        text.contains("/dev/pts/0") && text.contains("31 97") && text.contains("tty-ok"),
         "{text:?}"
     );
     wait_for_status(&p, &id, "stopped");

@@ -310,6 +310,7 @@ fn container_process(cfg: &ChildConfig) -> Result<std::convert::Infallible, Stri
             cfg.console_socket,
             cfg.return_master.then_some(cfg.channel),
             mount_console,
+            process.console_size().as_ref(),
         )?;
     } else if cfg.console_socket.is_some() || cfg.return_master {
         return Err("a terminal was requested but process.terminal is false".into());

@@ -22,6 +22,7 @@ use nix::{
 use super::channel::{Channel, Msg};
 
 nix::ioctl_write_int_bad!(tiocsctty, libc::TIOCSCTTY);
+nix::ioctl_write_ptr_bad!(tiocswinsz, libc::TIOCSWINSZ, libc::winsize);
 
 /// Opens a pty, hands its master over, and makes the slave the controlling terminal and
 /// stdio of the calling process. With `mount_console`, the slave is also bind-mounted on
@@ -30,12 +31,24 @@ pub fn setup(
     console_socket: Option<RawFd>,
     channel: Option<&Channel>,
     mount_console: bool,
+    size: Option<&oci_spec::runtime::Box>,
 ) -> Result<(), String> {
     let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
         .map_err(|e| format!("opening /dev/ptmx: {}", e.desc()))?;
     grantpt(&master).map_err(|e| format!("grantpt: {}", e.desc()))?;
     unlockpt(&master).map_err(|e| format!("unlockpt: {}", e.desc()))?;
     let name = ptsname_r(&master).map_err(|e| format!("ptsname: {}", e.desc()))?;
+    if let Some(size) = size {
+        let ws = libc::winsize {
+            ws_row: size.height().min(u16::MAX as u64) as u16,
+            ws_col: size.width().min(u16::MAX as u64) as u16,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads a valid winsize from `ws` for the duration of the call.
+        unsafe { tiocswinsz(master.as_raw_fd(), &ws) }
+            .map_err(|e| format!("process.consoleSize: TIOCSWINSZ: {}", e.desc()))?;
+    }
     let slave = open(
         Path::new(&name),
         OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
