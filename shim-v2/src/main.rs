@@ -13,6 +13,7 @@
 
 mod config;
 mod events;
+mod logging;
 mod reaper;
 mod sandbox;
 mod service;
@@ -177,10 +178,9 @@ async fn serve(flags: &Flags) -> Result<()> {
         bail!("becoming a subreaper: {}", std::io::Error::last_os_error());
     }
     // containerd reads the shim's log from the `log` FIFO in the bundle directory; tracing
-    // events reach it through the `log` records the containerd-shim logger writes there.
-    if let Err(e) = containerd_shim::logger::init(flags.debug, "info", &flags.namespace, &flags.id)
-    {
-        eprintln!("{RUNTIME_ID}: no log fifo, logging to stderr only: {e}");
+    // events reach it as `log` records.
+    if let Err(e) = logging::init(Path::new("log"), flags.debug) {
+        eprintln!("{RUNTIME_ID}: no log fifo, not logging: {e}");
     }
 
     let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();

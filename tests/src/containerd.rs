@@ -575,12 +575,24 @@ impl Drop for Containerd {
         }
         // Per-namespace directories runtimes leave once their containers are gone: runc's
         // (and the shim tests' palisade) state roots and the cgroup parents `/<ns>`.
-        for root in ["/run/containerd/runc", "/run/palisade-test"] {
-            let _ = fs::remove_dir_all(Path::new(root).join(&self.namespace));
+        let mut namespaces = vec![self.namespace.clone()];
+        if self.options.cri.is_some() {
+            namespaces.push("k8s.io".into());
         }
-        if let Ok(controllers) = fs::read_dir("/sys/fs/cgroup") {
-            for controller in controllers.flatten() {
-                remove_cgroup_tree(&controller.path().join(&self.namespace));
+        for namespace in &namespaces {
+            for root in ["/run/containerd/runc", "/run/palisade-test"] {
+                // Only once empty: another test's CRI pods may still live in k8s.io.
+                let dir = Path::new(root).join(namespace);
+                if namespace == &self.namespace {
+                    let _ = fs::remove_dir_all(&dir);
+                } else {
+                    let _ = fs::remove_dir(&dir);
+                }
+            }
+            if let Ok(controllers) = fs::read_dir("/sys/fs/cgroup") {
+                for controller in controllers.flatten() {
+                    remove_cgroup_tree(&controller.path().join(namespace));
+                }
             }
         }
         if self.options.cri.is_some() {
@@ -760,7 +772,14 @@ pub fn run_on_pty(
 ) -> Result<(String, std::process::ExitStatus)> {
     use std::io::Read;
 
-    let pty = nix::pty::openpty(None, None).context("openpty")?;
+    // A distinctive window size, so tests can see it arrive in the container.
+    let size = nix::pty::Winsize {
+        ws_row: 37,
+        ws_col: 101,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&size), None).context("openpty")?;
     let slave = fs::File::from(pty.slave);
     let mut child = cmd
         .stdin(slave.try_clone()?)

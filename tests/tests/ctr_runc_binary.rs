@@ -42,6 +42,12 @@ fn tty_works() {
 }
 
 #[test]
+fn stdin_is_forwarded() {
+    let rt = runtime();
+    common::stdin_is_forwarded(&common::containerd(), &rt);
+}
+
+#[test]
 fn exec_ps_pause_resume_kill() {
     let rt = runtime();
     common::exec_ps_pause_resume_kill(&common::containerd(), &rt);

@@ -44,7 +44,8 @@ fn containerd() -> (Containerd, tempfile::TempDir) {
     std::fs::write(
         &config,
         format!(
-            "[shim]\ndefault_mode = \"native\"\nallowed_annotations = [\"io.palisade.mode\"]\n{}",
+            "[shim]\ndefault_mode = \"native\"\nallowed_annotations = [\"io.palisade.mode\"]\n\
+             [vm]\nvmm = \"{MISSING_VMM}\"\n{}",
             native_config()
         ),
     )
@@ -86,6 +87,12 @@ fn killed_by_signal_reports_128_plus_n() {
 fn tty_works() {
     let (ctrd, _config) = containerd();
     common::tty_works(&ctrd, &shim());
+}
+
+#[test]
+fn stdin_is_forwarded() {
+    let (ctrd, _config) = containerd();
+    common::stdin_is_forwarded(&ctrd, &shim());
 }
 
 #[test]
@@ -174,8 +181,22 @@ fn file_log_uri_receives_output() {
     );
 }
 
+/// VM mode with a VMM that does not exist: a pod that reaches the VM sandbox fails with
+/// an error naming this path, which tells mode selection apart from everything else.
+const MISSING_VMM: &str = "/nonexistent/palisade-vmm";
+
+fn assert_refused_in_vm_mode(ctrd: &Containerd, out: &std::process::Output) {
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(MISSING_VMM),
+        "not refused by VM mode: {stderr}"
+    );
+    assert!(ctrd.shim_pids().is_empty(), "a refused pod left its shim");
+}
+
 #[test]
-fn vm_mode_is_refused_clearly() {
+fn mode_annotation_selects_vm_mode() {
     let (ctrd, _config) = containerd();
     let out = ctrd
         .run_container(
@@ -186,21 +207,31 @@ fn vm_mode_is_refused_clearly() {
             &["/bin/true"],
         )
         .unwrap();
-    assert!(!out.status.success());
+    assert_refused_in_vm_mode(&ctrd, &out);
+    let out = ctrd
+        .run_container(
+            &shim(),
+            &["--rm", "--annotation", "io.palisade.mode=kvm"],
+            common::IMAGE,
+            "badmode",
+            &["/bin/true"],
+        )
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("vm mode is not yet available on this host"),
-        "{stderr}"
-    );
-    assert!(ctrd.shim_pids().is_empty(), "a refused pod left its shim");
+    assert!(stderr.contains("invalid mode \"kvm\""), "{stderr}");
 }
 
 #[test]
 fn runtime_config_path_option_selects_the_config() {
     let (ctrd, config_dir) = containerd();
-    // A config whose default mode is vm: reached only through --runtime-config-path.
+    // Reached only through --runtime-config-path: default mode vm, and no annotation
+    // allowed (so the mode annotation is refused by name).
     let vm_config = config_dir.path().join("vm.toml");
-    std::fs::write(&vm_config, "[shim]\ndefault_mode = \"vm\"\n").unwrap();
+    std::fs::write(
+        &vm_config,
+        format!("[shim]\ndefault_mode = \"vm\"\n[vm]\nvmm = \"{MISSING_VMM}\"\n"),
+    )
+    .unwrap();
     let path = vm_config.display().to_string();
     let out = ctrd
         .run_container(
@@ -211,9 +242,25 @@ fn runtime_config_path_option_selects_the_config() {
             &["/bin/true"],
         )
         .unwrap();
+    assert_refused_in_vm_mode(&ctrd, &out);
+    let out = ctrd
+        .run_container(
+            &shim(),
+            &[
+                "--rm",
+                "--runtime-config-path",
+                &path,
+                "--annotation",
+                "io.palisade.mode=native",
+            ],
+            common::IMAGE,
+            "cfg2",
+            &["/bin/true"],
+        )
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("vm mode is not yet available on this host"),
+        stderr.contains("annotation io.palisade.mode is not allowed"),
         "{stderr}"
     );
 }
@@ -354,4 +401,89 @@ fn shim_socket(pid: i32) -> PathBuf {
         .map(|w| w[1].clone())
         .unwrap_or_else(|| panic!("shim {pid} has no -socket: {args:?}"));
     PathBuf::from(socket.trim_start_matches("unix://"))
+}
+
+/// `ctr events` running while `body` drives the task; returns the event lines.
+fn collect_events(ctrd: &Containerd, body: impl FnOnce()) -> String {
+    use std::io::Read;
+    let mut events = ctrd
+        .ctr_command(["events"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // ctr subscribes asynchronously; give it a moment before the first event.
+    std::thread::sleep(Duration::from_millis(300));
+    body();
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = events.kill();
+    let mut out = String::new();
+    events
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let _ = events.wait();
+    out
+}
+
+#[test]
+fn task_events_are_published() {
+    let (ctrd, _config) = containerd();
+    let id = "events";
+    let out = collect_events(&ctrd, || {
+        common::run_detached(&ctrd, &shim(), id);
+        ctrd.ctr_ok(["tasks", "exec", "--exec-id", "ev1", id, "/bin/true"])
+            .unwrap();
+        ctrd.ctr_ok(["tasks", "pause", id]).unwrap();
+        ctrd.ctr_ok(["tasks", "resume", id]).unwrap();
+        common::kill_and_delete(&ctrd, id);
+    });
+    let ours: Vec<&str> = out.lines().filter(|l| l.contains(id)).collect();
+    for topic in [
+        "/tasks/create",
+        "/tasks/start",
+        "/tasks/exec-added",
+        "/tasks/exec-started",
+        "/tasks/paused",
+        "/tasks/resumed",
+        "/tasks/exit",
+        "/tasks/delete",
+    ] {
+        assert!(
+            ours.iter().any(|l| l.contains(topic)),
+            "no {topic} event for {id} in:\n{out}"
+        );
+    }
+    let position = |topic: &str| ours.iter().position(|l| l.contains(topic)).unwrap();
+    assert!(position("/tasks/create") < position("/tasks/start"));
+    assert!(position("/tasks/exit") < position("/tasks/delete"));
+}
+
+#[test]
+fn oom_kill_is_reported() {
+    let (ctrd, _config) = containerd();
+    let id = "oom";
+    let mut status = None;
+    let out = collect_events(&ctrd, || {
+        // `tail` buffers a newline-free stream without bound: the 32 MiB limit kills it.
+        let out = ctrd
+            .run_container(
+                &shim(),
+                &["--rm", "--memory-limit", "33554432"],
+                common::IMAGE,
+                id,
+                &["/bin/sh", "-c", "tail /dev/zero"],
+            )
+            .unwrap();
+        status = out.status.code();
+    });
+    assert!(
+        out.lines()
+            .any(|l| l.contains("/tasks/oom") && l.contains(id)),
+        "no /tasks/oom event in:\n{out}"
+    );
+    // sh (PID 1) reports its child's SIGKILL as 128 + 9.
+    assert_eq!(status, Some(137));
 }

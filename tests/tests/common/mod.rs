@@ -80,7 +80,7 @@ pub fn tty_works(ctrd: &Containerd, rt: &RuntimeUnderTest) {
             "tty",
             "/bin/sh",
             "-c",
-            "test -t 0 && test -t 1 && echo is-a-tty; tty",
+            "test -t 0 && test -t 1 && echo is-a-tty; tty; sleep 0.3; set -- $(stty size); echo rows=$1 cols=$2",
         ]
         .map(String::from),
     );
@@ -88,9 +88,59 @@ pub fn tty_works(ctrd: &Containerd, rt: &RuntimeUnderTest) {
     let (out, status) = run_on_pty(&mut cmd, TIMEOUT).unwrap();
     assert!(status.success(), "ctr run -t: {status}: {out}");
     assert!(out.contains("is-a-tty"), "terminal output: {out:?}");
+    // ctr copies its terminal's size (set by run_on_pty) to the task: ResizePty.
+    assert!(out.contains("rows=37 cols=101"), "terminal output: {out:?}");
     assert!(
         out.contains("/dev/pts/") || out.contains("/dev/console"),
         "terminal output: {out:?}"
+    );
+}
+
+/// Input written to `ctr run`'s stdin reaches the task. (ctr never sends CloseIO, so
+/// the task reads what it needs instead of waiting for EOF.)
+pub fn stdin_is_forwarded(ctrd: &Containerd, rt: &RuntimeUnderTest) {
+    use std::io::Write;
+    let mut args: Vec<String> = vec!["run".into()];
+    args.extend(rt.run_flags());
+    args.extend(
+        [
+            "--rm",
+            IMAGE,
+            "stdin",
+            "/bin/sh",
+            "-c",
+            "read a; read b; echo got $a $b",
+        ]
+        .map(String::from),
+    );
+    let mut child = ctrd
+        .ctr_command(&args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"line-one\nline-two\n").unwrap();
+    drop(stdin);
+    let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !waiter.is_finished() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "task never got its input"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = waiter.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "got line-one line-two\n"
     );
 }
 

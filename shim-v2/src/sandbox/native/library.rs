@@ -13,17 +13,27 @@ use super::engine::{Engine, EngineError, ProcessIo, Spawned};
 
 pub struct LibraryEngine {
     runtime: Runtime,
+    /// One runtime call at a time: the library forks from this multi-threaded process,
+    /// and two calls forking at once would each copy the other's half-held locks.
+    serial: std::sync::Mutex<()>,
 }
 
 impl LibraryEngine {
     /// Opens (creating it if needed) the runtime's state root.
     pub fn new(root: &Path) -> Result<Self, EngineError> {
         let runtime = Runtime::new(root).map_err(|e| error("open root", "", e))?;
-        Ok(Self { runtime })
+        Ok(Self {
+            runtime,
+            serial: std::sync::Mutex::new(()),
+        })
     }
 
     fn load(&self, op: &'static str, id: &str) -> Result<palisade_runtime::Container, EngineError> {
         self.runtime.load(id).map_err(|e| error(op, id, e))
+    }
+
+    fn serialize(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.serial.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -88,6 +98,7 @@ impl Engine for LibraryEngine {
         io: ProcessIo,
         wants_terminal: bool,
     ) -> Result<Spawned, EngineError> {
+        let _serial = self.serialize();
         let opts = CreateOptions {
             stdio: stdio(io, "create", id)?,
             terminal: terminal(wants_terminal),
@@ -109,6 +120,7 @@ impl Engine for LibraryEngine {
     }
 
     fn start(&self, id: &str) -> Result<(), EngineError> {
+        let _serial = self.serialize();
         self.load("start", id)?
             .start()
             .map_err(|e| error("start", id, e))
@@ -122,6 +134,7 @@ impl Engine for LibraryEngine {
         io: ProcessIo,
         wants_terminal: bool,
     ) -> Result<Spawned, EngineError> {
+        let _serial = self.serialize();
         let process = serde_json::from_slice(process_json).map_err(|e| EngineError::Failed {
             op: "exec",
             id: id.to_string(),
@@ -141,6 +154,7 @@ impl Engine for LibraryEngine {
     }
 
     fn kill(&self, id: &str, signal: u32, all: bool) -> Result<(), EngineError> {
+        let _serial = self.serialize();
         let signal = i32::try_from(signal)
             .ok()
             .and_then(|s| Signal::try_from(s).ok())
@@ -155,6 +169,7 @@ impl Engine for LibraryEngine {
     }
 
     fn delete(&self, id: &str, force: bool) -> Result<(), EngineError> {
+        let _serial = self.serialize();
         match self.runtime.load(id) {
             Ok(container) => container.delete(force).map_err(|e| error("delete", id, e)),
             Err(RuntimeError::NotFound(_)) => Ok(()),
@@ -163,18 +178,21 @@ impl Engine for LibraryEngine {
     }
 
     fn pause(&self, id: &str) -> Result<(), EngineError> {
+        let _serial = self.serialize();
         self.load("pause", id)?
             .pause()
             .map_err(|e| error("pause", id, e))
     }
 
     fn resume(&self, id: &str) -> Result<(), EngineError> {
+        let _serial = self.serialize();
         self.load("resume", id)?
             .resume()
             .map_err(|e| error("resume", id, e))
     }
 
     fn update(&self, id: &str, resources_json: &[u8]) -> Result<(), EngineError> {
+        let _serial = self.serialize();
         let resources =
             serde_json::from_slice(resources_json).map_err(|e| EngineError::Failed {
                 op: "update",
@@ -187,6 +205,7 @@ impl Engine for LibraryEngine {
     }
 
     fn pids(&self, id: &str) -> Result<Vec<i32>, EngineError> {
+        let _serial = self.serialize();
         self.load("ps", id)?.pids().map_err(|e| error("ps", id, e))
     }
 }

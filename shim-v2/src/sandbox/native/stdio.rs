@@ -21,15 +21,20 @@ use std::{
 
 use containerd_shim::asynchronous::io::{IoTasks, Pty};
 use nix::fcntl::{fcntl, FcntlArg};
-use tokio::{net::unix::pipe, task::JoinHandle};
+use tokio::{net::unix::pipe, sync::watch, task::JoinHandle};
 use tracing::warn;
 
 use super::engine::ProcessIo;
 
 /// How long a logging binary may take to signal it is ready.
 const LOGGER_READY_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long output copies not tracked by [`IoTasks`] may drain at exit.
-const EXTRA_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a process's output copies may take to deliver what is buffered at exit
+/// (a background process may keep the pipe open; the Go shim allows as long).
+const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long finished output waits for containerd to open the FIFO for reading.
+/// Short: the reader containerd or ctr set up is normally there within milliseconds, and
+/// output of a detached task nobody reads must not hold up its exit for long.
+const READER_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StdioError {
@@ -189,26 +194,27 @@ impl PreparedIo {
 
     /// Starts the copies. Must run inside the tokio runtime.
     pub fn attach(self, console: Option<File>) -> Result<ProcessStdio, StdioError> {
-        let tasks = IoTasks::default();
-        let mut extra = Vec::new();
+        let input = IoTasks::default();
+        let (cancel, cancelled) = watch::channel(false);
+        let mut outputs = Vec::new();
         let mut pty = None;
         match (self.terminal_output, console) {
             (Some(output), Some(master)) => {
                 let master = Pty::new(master).map_err(|e| StdioError::Copy(e.to_string()))?;
                 if let Some((path, _)) = &self.stdin {
-                    tasks
+                    input
                         .copy_from_fifo(path, master.clone())
                         .map_err(|e| StdioError::Copy(e.to_string()))?;
                 }
                 match output {
                     TerminalOutput::Null => {}
-                    TerminalOutput::Fifo(path) => tasks
-                        .copy_to_fifo(master.clone(), &path)
-                        .map_err(|e| StdioError::Copy(e.to_string()))?,
+                    TerminalOutput::Fifo(path) => {
+                        outputs.push(copy_to_fifo(master.clone(), &path, cancelled.clone())?)
+                    }
                     TerminalOutput::Writer(file) => {
                         let mut from = master.clone();
                         let mut to = tokio::fs::File::from_std(file);
-                        extra.push(tokio::spawn(async move {
+                        outputs.push(tokio::spawn(async move {
                             if let Err(e) = tokio::io::copy(&mut from, &mut to).await {
                                 if e.raw_os_error() != Some(libc::EIO) {
                                     warn!("copying terminal output: {e}");
@@ -228,38 +234,114 @@ impl PreparedIo {
                 if let Some((path, Some(writer))) = self.stdin {
                     let to = pipe::Sender::from_owned_fd(writer)
                         .map_err(io_err("registering stdin pipe"))?;
-                    tasks
+                    input
                         .copy_from_fifo(&path, to)
                         .map_err(|e| StdioError::Copy(e.to_string()))?;
                 }
                 for (reader, path) in self.outputs {
                     let from = pipe::Receiver::from_owned_fd(reader)
                         .map_err(io_err("registering output pipe"))?;
-                    tasks
-                        .copy_to_fifo(from, &path)
-                        .map_err(|e| StdioError::Copy(e.to_string()))?;
+                    outputs.push(copy_to_fifo(from, &path, cancelled.clone())?);
                 }
             }
         }
         Ok(ProcessStdio {
-            tasks,
+            input,
             pty,
-            extra: Mutex::new(extra),
+            outputs: Mutex::new(outputs),
+            cancel,
         })
     }
 }
 
+/// Copies a process's output into containerd's FIFO at `path`.
+///
+/// The shim holds the FIFO open for reading too while copying, so output survives
+/// containerd going away (a restart) instead of failing with EPIPE. When the output
+/// ends, the copy lets go of that hold but keeps its writer open until a reader has the
+/// FIFO open (bounded): containerd's reader may open it only after a short process has
+/// already exited (ctr opens its FIFOs asynchronously), and the data written so far lives
+/// only as long as some end of the FIFO is open.
+fn copy_to_fifo<R>(
+    from: R,
+    path: &str,
+    mut cancelled: watch::Receiver<bool>,
+) -> Result<JoinHandle<()>, StdioError>
+where
+    R: tokio::io::AsyncRead + Send + Unpin + 'static,
+{
+    let hold =
+        open_fifo_nonblocking(path, false).map_err(io_err(format!("holding FIFO {path} open")))?;
+    let mut to = pipe::OpenOptions::new()
+        .open_sender(path)
+        .map_err(io_err(format!("opening FIFO {path}")))?;
+    let path = PathBuf::from(path);
+    Ok(tokio::spawn(async move {
+        let mut from = from;
+        tokio::select! {
+            _ = cancelled.wait_for(|c| *c) => return,
+            copied = tokio::io::copy(&mut from, &mut to) => {
+                if let Err(e) = copied {
+                    if e.kind() != std::io::ErrorKind::BrokenPipe && e.raw_os_error() != Some(libc::EIO) {
+                        warn!("copying output to {}: {e}", path.display());
+                    }
+                }
+            }
+        }
+        drop(hold);
+        let deadline = tokio::time::Instant::now() + READER_WAIT;
+        // Nothing left unread (the common case, and a detached task nobody reads): done.
+        while unread_bytes(&to) > 0 {
+            // Opening for writing without blocking fails with ENXIO while nobody reads.
+            match open_fifo_nonblocking(path.to_str().unwrap_or_default(), true) {
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                    if tokio::time::Instant::now() > deadline || *cancelled.borrow() {
+                        warn!("no reader for {} came; its output is lost", path.display());
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                _ => break,
+            }
+        }
+        drop(to);
+    }))
+}
+
+/// Bytes buffered in the pipe behind `fd` (FIONREAD works on either end of a pipe).
+fn unread_bytes(fd: &impl AsRawFd) -> libc::c_int {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer, which outlives the call.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n as *mut libc::c_int) };
+    if rc < 0 {
+        0
+    } else {
+        n
+    }
+}
+
+fn open_fifo_nonblocking(path: &str, write: bool) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+}
+
 /// The running copies of one process's stdio.
 pub struct ProcessStdio {
-    tasks: IoTasks,
+    /// stdin (containerd-shim's copy keeps containerd's writers coming and going from
+    /// ending it; CloseIO ends it).
+    input: IoTasks,
     pty: Option<Pty>,
-    extra: Mutex<Vec<JoinHandle<()>>>,
+    outputs: Mutex<Vec<JoinHandle<()>>>,
+    cancel: watch::Sender<bool>,
 }
 
 impl ProcessStdio {
     /// Lets the process see EOF on stdin once containerd's writer is gone (CloseIO).
     pub fn close_stdin(&self) {
-        self.tasks.close_input();
+        self.input.close_input();
     }
 
     /// Resizes the process's terminal, if it has one.
@@ -295,31 +377,31 @@ impl ProcessStdio {
     /// Waits for the output copies to deliver everything (bounded), then stops all
     /// copies. Called when the process has exited, before its exit is reported.
     pub async fn drain(&self) {
-        self.tasks.shutdown().await;
-        let extra: Vec<_> = self
-            .extra
+        let outputs: Vec<_> = self
+            .outputs
             .lock()
-            .map(|mut e| e.drain(..).collect())
+            .map(|mut o| o.drain(..).collect())
             .unwrap_or_default();
-        for handle in extra {
+        let deadline = tokio::time::Instant::now() + OUTPUT_DRAIN_TIMEOUT;
+        for handle in outputs {
             let abort = handle.abort_handle();
-            if tokio::time::timeout(EXTRA_DRAIN_TIMEOUT, handle)
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout_at(deadline, handle).await.is_err() {
+                warn!("output copy did not finish in {OUTPUT_DRAIN_TIMEOUT:?}, cancelling it");
                 abort.abort();
             }
         }
+        self.input.abort().await;
     }
 
     /// Stops all copies at once (failed start, forced delete).
     pub async fn abort(&self) {
-        self.tasks.abort().await;
-        if let Ok(mut extra) = self.extra.lock() {
-            for handle in extra.drain(..) {
+        self.cancel.send_replace(true);
+        if let Ok(mut outputs) = self.outputs.lock() {
+            for handle in outputs.drain(..) {
                 handle.abort();
             }
         }
+        self.input.abort().await;
     }
 }
 
