@@ -65,6 +65,11 @@ pub fn run(runtime: &Runtime, args: CreateArgs, detach: bool) -> Result<i32> {
         create_options(&args, terminal),
     )?;
     let pid = container.pid().context("container has no init pid")?;
+    // Sized before the container runs anything that could ask.
+    let master = container.take_pty_master();
+    if let Some(master) = &master {
+        copy_window_size(master);
+    }
     if let Err(e) = container.start() {
         let _ = container.delete(true);
         return Err(e.into());
@@ -73,7 +78,6 @@ pub fn run(runtime: &Runtime, args: CreateArgs, detach: bool) -> Result<i32> {
         return Ok(0);
     }
     signals::forward_to(pid);
-    let master = container.take_pty_master();
     let code = wait_with_tty(pid, master)?;
     container.delete(true)?;
     Ok(code)
@@ -200,6 +204,10 @@ pub fn exec(runtime: &Runtime, args: ExecArgs) -> Result<i32> {
         None if tty && !args.detach => Terminal::ReturnMaster,
         None => Terminal::None,
     };
+    let mut process = process;
+    if tty && process.console_size().is_none() {
+        process.set_console_size(our_window_size());
+    }
     let mut opts = ExecOptions::new(process);
     opts.terminal = terminal;
     opts.pid_file = args.pid_file.clone();
@@ -245,6 +253,41 @@ fn wait_with_tty(pid: i32, master: Option<OwnedFd>) -> Result<i32> {
             Ok(_) | Err(Errno::EINTR) => continue,
             Err(e) => return Err(e).with_context(|| format!("waiting for {pid}")),
         }
+    }
+}
+
+nix::ioctl_read_bad!(tiocgwinsz, libc::TIOCGWINSZ, libc::winsize);
+nix::ioctl_write_ptr_bad!(tiocswinsz, libc::TIOCSWINSZ, libc::winsize);
+
+/// The size of our terminal, if stdin is one.
+fn window_size() -> Option<libc::winsize> {
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes a winsize into `ws`, owned by this frame.
+    unsafe { tiocgwinsz(0, &mut ws) }.ok()?;
+    (ws.ws_row > 0 && ws.ws_col > 0).then_some(ws)
+}
+
+/// `process.consoleSize` for an exec'd process: our terminal's size.
+fn our_window_size() -> Option<oci_spec::runtime::Box> {
+    let ws = window_size()?;
+    oci_spec::runtime::BoxBuilder::default()
+        .height(u64::from(ws.ws_row))
+        .width(u64::from(ws.ws_col))
+        .build()
+        .ok()
+}
+
+/// Gives the container's pty the size of our terminal (if stdin is one).
+fn copy_window_size(master: &OwnedFd) {
+    use std::os::fd::AsRawFd;
+    if let Some(ws) = window_size() {
+        // SAFETY: TIOCSWINSZ reads the valid winsize `ws` for the duration of the call.
+        let _ = unsafe { tiocswinsz(master.as_raw_fd(), &ws) };
     }
 }
 
