@@ -171,34 +171,33 @@ fn mount_cgroup(
 ) -> Result<(), String> {
     let flags = opts.flags & !(MsFlags::MS_BIND | MsFlags::MS_REC);
     let host_cgroups = (cfg.cgroup_membership)()?;
-    let host = mountinfo()?;
-    let root = Path::new("/sys/fs/cgroup");
-    let unified = host
-        .iter()
-        .any(|m| m.mount_point == root && m.fs_type == "cgroup2");
     create_target(dest, true)?;
-    if unified {
-        // The container's own cgroup, not the host's whole tree (with or without a cgroup
-        // namespace; a bind mount also works in a user namespace).
-        let path = own_cgroup_path(&host_cgroups, "cgroup2", &[]).unwrap_or_default();
-        let source = root.join(path.trim_start_matches('/'));
+    let bind_readonly = |source: &Path, target: &Path| -> Result<(), String> {
         mount(
-            Some(&source),
-            dest,
+            Some(source),
+            target,
             None::<&str>,
             MsFlags::MS_BIND,
             None::<&str>,
         )
         .map_err(sys(|| format!("bind-mounting {}", source.display())))?;
-        return mount(
+        let extra = flags & !MsFlags::MS_REMOUNT;
+        if extra.is_empty() {
+            return Ok(());
+        }
+        mount(
             None::<&str>,
-            dest,
+            target,
             None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | (flags & !MsFlags::MS_REMOUNT),
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra,
             None::<&str>,
         )
-        .map_err(sys(|| format!("remounting {}", dest.display())));
-    }
+        .map_err(sys(|| format!("remounting {}", target.display())))
+    };
+    let hierarchies = match plan_cgroup_view(&mountinfo()?, &host_cgroups) {
+        CgroupView::Unified { source } => return bind_readonly(&source, dest),
+        CgroupView::Hierarchies(h) => h,
+    };
     mount(
         Some("tmpfs"),
         dest,
@@ -207,41 +206,10 @@ fn mount_cgroup(
         Some("mode=755"),
     )
     .map_err(sys(|| "mounting tmpfs for cgroup hierarchies".into()))?;
-    for m in host.iter().filter(|m| {
-        (m.fs_type == "cgroup" || m.fs_type == "cgroup2") && m.mount_point.parent() == Some(root)
-    }) {
-        let Some(name) = m.mount_point.file_name() else {
-            continue;
-        };
+    for (name, source) in &hierarchies {
         let target = dest.join(name);
         create_target(&target, true)?;
-        // v1: the controllers (or name=...) in the super options; v2: none.
-        let controllers: Vec<&str> = m
-            .super_options
-            .split(',')
-            .filter(|o| m.fs_type == "cgroup" && *o != "rw" && *o != "ro")
-            .collect();
-        let path = own_cgroup_path(&host_cgroups, &m.fs_type, &controllers).unwrap_or_default();
-        let source = m.mount_point.join(path.trim_start_matches('/'));
-        mount(
-            Some(&source),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(sys(|| format!("bind-mounting {}", source.display())))?;
-        let extra = flags & !MsFlags::MS_REMOUNT;
-        if !extra.is_empty() {
-            mount(
-                None::<&str>,
-                &target,
-                None::<&str>,
-                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra,
-                None::<&str>,
-            )
-            .map_err(sys(|| format!("remounting {}", target.display())))?;
-        }
+        bind_readonly(source, &target)?;
         // runc's compatibility links: cpu -> cpu,cpuacct and cpuacct -> cpu,cpuacct.
         let name = name.to_string_lossy();
         if name.contains(',') {
@@ -261,6 +229,73 @@ fn mount_cgroup(
         .map_err(sys(|| "remounting cgroup tmpfs read-only".into()))?;
     }
     Ok(())
+}
+
+/// What the container's `/sys/fs/cgroup` is made of.
+#[derive(Debug, PartialEq, Eq)]
+enum CgroupView {
+    /// Pure cgroup v2: the container's cgroup directory, bound at the destination.
+    Unified { source: PathBuf },
+    /// v1 or hybrid: a tmpfs with one bind mount per host hierarchy, as (directory name,
+    /// the container's cgroup directory in that hierarchy).
+    Hierarchies(Vec<(std::ffi::OsString, PathBuf)>),
+}
+
+/// Plans the container's cgroup view from the host's mounts and the container's
+/// `/proc/self/cgroup` (read before its cgroup namespace existed).
+fn plan_cgroup_view(host: &[MountInfo], host_cgroups: &str) -> CgroupView {
+    let root = Path::new("/sys/fs/cgroup");
+    if host
+        .iter()
+        .any(|m| m.mount_point == root && m.fs_type == "cgroup2")
+    {
+        let path = own_cgroup_path(host_cgroups, "cgroup2", &[]).unwrap_or_default();
+        return CgroupView::Unified {
+            source: root.join(path.trim_start_matches('/')),
+        };
+    }
+    let mut hierarchies = Vec::new();
+    for m in host.iter().filter(|m| {
+        (m.fs_type == "cgroup" || m.fs_type == "cgroup2") && m.mount_point.parent() == Some(root)
+    }) {
+        let Some(name) = m.mount_point.file_name() else {
+            continue;
+        };
+        // v1: the controllers (or name=...) among the super options; v2: none.
+        let controllers: Vec<&str> = m
+            .super_options
+            .split(',')
+            .filter(|o| m.fs_type == "cgroup" && is_v1_controller_option(o))
+            .collect();
+        // A hierarchy we are not a member of is left out rather than exposing its root.
+        if let Some(path) = own_cgroup_path(host_cgroups, &m.fs_type, &controllers) {
+            hierarchies.push((
+                name.to_os_string(),
+                m.mount_point.join(path.trim_start_matches('/')),
+            ));
+        }
+    }
+    CgroupView::Hierarchies(hierarchies)
+}
+
+/// Whether a v1 cgroup super option names a controller (`memory`, `name=systemd`) rather
+/// than a mount option (`rw`, `xattr`, `release_agent=...`).
+fn is_v1_controller_option(option: &str) -> bool {
+    if option.starts_with("name=") {
+        return true;
+    }
+    !option.contains('=')
+        && !matches!(
+            option,
+            "rw" | "ro"
+                | "xattr"
+                | "noprefix"
+                | "clone_children"
+                | "cpuset_v2_mode"
+                | "none"
+                | "all"
+                | "favordynmods"
+        )
 }
 
 /// The process's cgroup path in a hierarchy, from `/proc/self/cgroup`.
@@ -308,6 +343,66 @@ mod tests {
             Some("/c")
         );
         assert_eq!(own_cgroup_path(pc, "cgroup2", &[]).as_deref(), Some("/d"));
+    }
+
+    fn info(mount_point: &str, fs_type: &str, super_options: &str) -> MountInfo {
+        MountInfo {
+            root: PathBuf::from("/"),
+            mount_point: PathBuf::from(mount_point),
+            fs_type: fs_type.into(),
+            super_options: super_options.into(),
+        }
+    }
+
+    #[test]
+    fn pure_v2_binds_the_containers_own_cgroup() {
+        let host = [
+            info("/", "ext4", "rw"),
+            info("/sys/fs/cgroup", "cgroup2", "rw,nsdelegate"),
+        ];
+        assert_eq!(
+            plan_cgroup_view(&host, "0::/palisade/web\n"),
+            CgroupView::Unified {
+                source: PathBuf::from("/sys/fs/cgroup/palisade/web")
+            }
+        );
+    }
+
+    #[test]
+    fn hybrid_binds_each_hierarchy() {
+        let host = [
+            info("/sys/fs/cgroup", "tmpfs", "rw,mode=755"),
+            info("/sys/fs/cgroup/cpu,cpuacct", "cgroup", "rw,cpu,cpuacct"),
+            info("/sys/fs/cgroup/memory", "cgroup", "rw,memory"),
+            info("/sys/fs/cgroup/systemd", "cgroup", "rw,xattr,name=systemd"),
+            info("/sys/fs/cgroup/unified", "cgroup2", "rw"),
+            // Mounted, but we are not a member: left out.
+            info("/sys/fs/cgroup/pids", "cgroup", "rw,pids"),
+        ];
+        let own = "4:memory:/palisade/web\n3:cpu,cpuacct:/palisade/web\n\
+                   1:name=systemd:/user.slice\n0::/palisade/web\n";
+        let CgroupView::Hierarchies(h) = plan_cgroup_view(&host, own) else {
+            panic!("not hybrid");
+        };
+        let h: Vec<(String, String)> = h
+            .into_iter()
+            .map(|(n, p)| (n.to_string_lossy().into(), p.display().to_string()))
+            .collect();
+        assert_eq!(
+            h,
+            [
+                (
+                    "cpu,cpuacct".into(),
+                    "/sys/fs/cgroup/cpu,cpuacct/palisade/web".into()
+                ),
+                ("memory".into(), "/sys/fs/cgroup/memory/palisade/web".into()),
+                ("systemd".into(), "/sys/fs/cgroup/systemd/user.slice".into()),
+                (
+                    "unified".into(),
+                    "/sys/fs/cgroup/unified/palisade/web".into()
+                ),
+            ]
+        );
     }
 
     #[test]
