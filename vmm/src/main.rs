@@ -16,6 +16,14 @@ fn run(cli: &Cli) -> anyhow::Result<palisade_vmm::Outcome> {
 }
 
 fn main() -> ExitCode {
+    // One malloc arena for all threads: glibc shrinks a secondary (per-thread) arena only
+    // after reading /proc/sys/vm/overcommit_memory, an `openat` the device and vCPU seccomp
+    // filters rightly refuse — seen killing the VMM under sustained vsock traffic. The main
+    // arena shrinks with brk alone. Must run before any thread exists.
+    // SAFETY: mallopt only adjusts allocator parameters; called while single-threaded.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cli.log_level))
