@@ -4,10 +4,10 @@
 # private containerd, plus the resident memory of each shim serving one running task.
 # Prints per-round times, medians and ratios (goals: time <= 1.0x, RSS <= 0.5x).
 #
-#   tests/bench/shim-vs-runc-shim.sh                  # 20 rounds, shim drives `palisade`
+#   tests/bench/shim-vs-runc-shim.sh       # 20 rounds, palisade-runtime in-process
 #   BENCH_ROUNDS=40 tests/bench/shim-vs-runc-shim.sh
 #   PALISADE_RUNTIME_BINARY=/usr/sbin/runc tests/bench/shim-vs-runc-shim.sh
-#       # both shims drive runc: isolates the shim's own cost from the runtime's
+#       # the shim's cli engine on runc: both shims drive runc, isolating the shim's cost
 #
 # Needs root, containerd/ctr, umoci, busybox-static, and built binaries in
 # PALISADE_BIN_DIR (default: target/debug; use a release build for real numbers:
@@ -18,9 +18,11 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 bin_dir=${PALISADE_BIN_DIR:-${CARGO_TARGET_DIR:-$repo/target}/debug}
 rounds=${BENCH_ROUNDS:-20}
-runtime_binary=${PALISADE_RUNTIME_BINARY:-$bin_dir/palisade}
+runtime_binary=${PALISADE_RUNTIME_BINARY:-}
+engine=library
+[[ -n $runtime_binary ]] && engine=cli
 
-for f in "$bin_dir/containerd-shim-palisade-v2" "$runtime_binary"; do
+for f in "$bin_dir/containerd-shim-palisade-v2" ${runtime_binary:+"$runtime_binary"}; do
   [[ -x $f ]] || { echo "missing $f (build it first)" >&2; exit 1; }
 done
 
@@ -50,7 +52,8 @@ ctr_() { ctr --address "$work/containerd.sock" --namespace "$ns" "$@"; }
 # --- private containerd --------------------------------------------------------------
 cat >"$work/palisade.toml" <<EOF
 [native]
-runtime_binary = "$runtime_binary"
+engine = "$engine"
+runtime_binary = "${runtime_binary:-palisade}"
 runtime_root = "$work/palisade-root"
 EOF
 cat >"$work/config.toml" <<EOF
@@ -123,6 +126,7 @@ shim_rss_kb() { # container id -> VmRSS (kB) of the shim serving it
     if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "-address $work/containerd.sock"; then
       if [[ $(tr '\0' ' ' <"/proc/$pid/cmdline") == *"-id $1 "* ]]; then
         awk '/^VmRSS/ {print $2}' "/proc/$pid/status"
+        awk '/^(RssAnon|RssFile|Threads)/ {printf "  %s %s %s\n", $1, $2, $3}' "/proc/$pid/status" >&2
         return
       fi
     fi
@@ -135,4 +139,4 @@ sleep 0.5
 rr=$(shim_rss_kb rss-r); rp=$(shim_rss_kb rss-p)
 printf 'shim RSS with one task: runc shim %d kB, palisade shim %d kB, ratio %.2fx (goal <= 0.5x)\n' \
   "$rr" "$rp" "$(echo "$rp/$rr" | bc -l)"
-echo "(palisade shim drives: $runtime_binary; binaries from $bin_dir)"
+echo "(palisade shim engine: $engine${runtime_binary:+ on $runtime_binary}; binaries from $bin_dir)"
