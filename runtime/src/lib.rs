@@ -30,6 +30,7 @@
 
 pub mod capabilities;
 pub mod cgroups;
+pub mod check;
 pub mod container;
 pub mod error;
 pub mod hooks;

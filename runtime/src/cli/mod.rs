@@ -135,6 +135,13 @@ enum Command {
     },
     /// Print the runtime's features as JSON.
     Features,
+    /// Report whether this host can run palisade's VM mode; exits 1 when it cannot.
+    Check {
+        /// Shim config whose [vm] section names the VMM, guest kernel and initramfs
+        /// (default: $PALISADE_CONFIG, then /etc/palisade/configuration.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 /// Runs the CLI and returns the process exit code.
@@ -214,6 +221,17 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Features => {
             println!("{}", serde_json::to_string_pretty(&info::features())?);
             Ok(0)
+        }
+        Command::Check { config } => {
+            use palisade_runtime::check;
+            let settings = check::VmSettings::load(config.as_deref())?;
+            let report = check::run(
+                &check::HostRoot("/".into()),
+                &settings,
+                check::containerd_version(),
+            );
+            print!("{report}");
+            Ok(if report.vm_ready() { 0 } else { 1 })
         }
     }
 }
