@@ -13,9 +13,10 @@ use std::{path::PathBuf, time::Duration};
 use k8s_cri::v1::{
     image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient,
     ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
-    CreateContainerRequest, ExecSyncRequest, ImageSpec, ImageStatusRequest, PodSandboxConfig,
-    PodSandboxMetadata, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest, VersionRequest,
+    CreateContainerRequest, ExecSyncRequest, ImageSpec, ImageStatusRequest,
+    LinuxContainerResources, PodSandboxConfig, PodSandboxMetadata, RemoveContainerRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
+    StopPodSandboxRequest, UpdateContainerResourcesRequest, VersionRequest,
 };
 use palisade_tests::{
     containerd::{Containerd, CriConfig, Options, PALISADE_NATIVE_HANDLER},
@@ -214,6 +215,37 @@ async fn pod_lifecycle_through_cri() {
         .unwrap()
         .into_inner();
     assert_eq!(failing.exit_code, 4);
+
+    // UpdateContainerResources reaches the shim's Update: the limit lands in the cgroup.
+    rt.update_container_resources(UpdateContainerResourcesRequest {
+        container_id: container.clone(),
+        linux: Some(LinuxContainerResources {
+            memory_limit_in_bytes: 96 * 1024 * 1024,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("UpdateContainerResources: {e}\n{}", ctrd.log_tail(40)));
+    let limit = rt
+        .exec_sync(ExecSyncRequest {
+            container_id: container.clone(),
+            cmd: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max".into(),
+            ],
+            timeout: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        String::from_utf8_lossy(&limit.stdout).trim(),
+        (96 * 1024 * 1024).to_string(),
+        "{}",
+        String::from_utf8_lossy(&limit.stderr)
+    );
 
     // Container logs, in the CRI log format the kubelet reads.
     let log_file = logs.path().join("app.log");

@@ -487,3 +487,63 @@ fn oom_kill_is_reported() {
     // sh (PID 1) reports its child's SIGKILL as 128 + 9.
     assert_eq!(status, Some(137));
 }
+
+#[test]
+fn exec_tty_kill_all_and_checkpoint_refusal() {
+    let (ctrd, _config) = containerd();
+    let id = "more";
+    common::run_detached(&ctrd, &shim(), id);
+
+    let mut exec = ctrd.ctr_command([
+        "tasks",
+        "exec",
+        "-t",
+        "--exec-id",
+        "tty1",
+        id,
+        "/bin/sh",
+        "-c",
+        "test -t 0 && echo exec-has-tty",
+    ]);
+    let (out, status) = palisade_tests::containerd::run_on_pty(&mut exec, common::TIMEOUT).unwrap();
+    assert!(status.success(), "ctr task exec -t: {status}: {out}");
+    assert!(out.contains("exec-has-tty"), "{out:?}");
+
+    let out = ctrd.ctr(["tasks", "checkpoint", id]).unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("checkpoint is not supported"), "{stderr}");
+
+    // A second process in the container (an exec that stays), then kill --all.
+    let mut background =
+        ctrd.ctr_command(["tasks", "exec", "--exec-id", "bg", id, "/bin/sleep", "1000"]);
+    let mut background = background
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    while ctrd.task_pids(id).unwrap().len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "exec bg never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pids = ctrd.task_pids(id).unwrap();
+    ctrd.ctr_ok(["tasks", "kill", "--all", "--signal", "SIGKILL", id])
+        .unwrap();
+    ctrd.wait_task_status(id, "STOPPED", common::TIMEOUT)
+        .unwrap();
+    let status = background.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(137),
+        "the exec saw its SIGKILL as 128+9"
+    );
+    for pid in pids {
+        assert!(process_gone(pid), "pid {pid} survived kill --all");
+    }
+    ctrd.ctr_ok(["tasks", "delete", id]).unwrap();
+    ctrd.ctr_ok(["containers", "delete", id]).unwrap();
+}
