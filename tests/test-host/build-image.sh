@@ -39,6 +39,13 @@ kernel_deb=${PALISADE_TEST_HOST_KERNEL_DEB:-}
 prebuilt=${PALISADE_TEST_HOST_PREBUILT:-0}
 
 log() { echo "build-image: $*" >&2; }
+# Static (or static-pie) ELF? ldd (libc-bin) is always there, file(1) may not be.
+# (ldd exits 1 for static binaries: capture first, pipefail would otherwise bite.)
+is_static() {
+  local out
+  out=$(ldd "$1" 2>&1 || true)
+  grep -Eq 'statically linked|not a dynamic executable' <<<"$out"
+}
 die() { echo "build-image: error: $*" >&2; exit 1; }
 
 mkdir -p "$out" "$cache/debs"
@@ -126,6 +133,7 @@ trap 'rm -f "$components"' EXIT
 component() { echo "$*" >>"$components"; }
 
 static_bins=(palisade-vmm)
+cargo_failed=0
 if [[ $prebuilt != 1 ]]; then
   log "building static palisade binaries (${static_bins[*]}) in $target_dir"
   pkgs=()
@@ -134,30 +142,39 @@ if [[ $prebuilt != 1 ]]; then
   # static-pie (no libc needed inside L1).
   RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR=$target_dir \
     cargo build --quiet --release --target x86_64-unknown-linux-gnu "${pkgs[@]}" >&2 ||
-    die "cargo build of ${static_bins[*]} failed"
+    { cargo_failed=1; log "cargo build of ${static_bins[*]} failed (errors above); scenarios needing it will say so"; }
 fi
 bin_dir="$target_dir/x86_64-unknown-linux-gnu/release"
 
 # PALISADE_TEST_HOST_GUEST_KERNEL / _GUEST_INITRAMFS: test these artefacts instead of
 # building the repo's (e.g. another kernel tree's vmlinux); no build script is run for them.
 guest_kernel=${PALISADE_TEST_HOST_GUEST_KERNEL:-$build_dir/guest-kernel/vmlinux}
+guest_kernel_failed=
 if [[ $prebuilt != 1 && -z ${PALISADE_TEST_HOST_GUEST_KERNEL:-} && -x $repo/guest-kernel/build.sh ]]; then
   log "guest kernel: guest-kernel/build.sh (skips itself when up to date)"
-  BUILD_DIR="$build_dir/guest-kernel" "$repo/guest-kernel/build.sh" >&2 || die "guest-kernel/build.sh failed"
+  BUILD_DIR="$build_dir/guest-kernel" "$repo/guest-kernel/build.sh" >&2 ||
+    guest_kernel_failed="guest-kernel/build.sh failed (errors above)"
 fi
-if [[ -f $guest_kernel ]]; then
+if [[ -n $guest_kernel_failed ]]; then
+  component guest-kernel missing "$guest_kernel_failed"
+  guest_kernel=/nonexistent # never test a stale kernel
+elif [[ -f $guest_kernel ]]; then
   component guest-kernel ok "$guest_kernel"
 else
   component guest-kernel missing "no $guest_kernel (guest-kernel/build.sh)"
 fi
 
 guest_initramfs=${PALISADE_TEST_HOST_GUEST_INITRAMFS:-$build_dir/guest/initramfs.cpio.gz}
+guest_initramfs_failed=
 if [[ $prebuilt != 1 && -z ${PALISADE_TEST_HOST_GUEST_INITRAMFS:-} && -x $repo/agent/build-initramfs.sh ]]; then
   log "guest initramfs: agent/build-initramfs.sh"
   CARGO_TARGET_DIR=$target_dir "$repo/agent/build-initramfs.sh" "$guest_initramfs" >&2 ||
-    die "agent/build-initramfs.sh failed"
+    guest_initramfs_failed="agent/build-initramfs.sh failed (errors above)"
 fi
-if [[ -f $guest_initramfs ]]; then
+if [[ -n $guest_initramfs_failed ]]; then
+  component guest-initramfs missing "$guest_initramfs_failed"
+  guest_initramfs=/nonexistent # never test a stale initramfs
+elif [[ -f $guest_initramfs ]]; then
   component guest-initramfs ok "$guest_initramfs"
 else
   component guest-initramfs missing "no $guest_initramfs (agent/build-initramfs.sh)"
@@ -169,7 +186,7 @@ rm -rf "$root"
 mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,run,etc,lib/modules,palisade/scenarios,palisade/bin,palisade/guest,usr/share/qemu}
 
 busybox=$(command -v busybox) || die "busybox not found (apt-get install busybox-static)"
-file -L "$busybox" 2>/dev/null | grep -q 'statically linked' || die "$busybox is not static (install busybox-static)"
+is_static "$busybox" || die "$busybox is not static (install busybox-static)"
 cp "$busybox" "$root/bin/busybox"
 ln -s busybox "$root/bin/sh"
 
@@ -209,7 +226,10 @@ rm -rf "$smoke_root"
 component qemu ok "$($qemu --version | head -1)"
 
 for b in "${static_bins[@]}"; do
-  if [[ -x $bin_dir/$b ]] && file "$bin_dir/$b" | grep -q 'static'; then
+  if [[ $cargo_failed == 1 ]]; then
+    # Never test a stale binary left by an earlier build.
+    component "$b" missing "cargo build failed"
+  elif [[ -x $bin_dir/$b ]] && is_static "$bin_dir/$b"; then
     cp "$bin_dir/$b" "$root/palisade/bin/$b"
     component "$b" ok "$(stat -c %s "$bin_dir/$b") bytes"
   else
@@ -242,10 +262,10 @@ if [[ $prebuilt != 1 ]]; then
   log "building the static shim (containerd-shim-palisade-v2)"
   RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR=$target_dir \
     cargo build --quiet --release --target x86_64-unknown-linux-gnu -p containerd-shim-palisade-v2 >&2 ||
-    die "cargo build of containerd-shim-palisade-v2 failed"
+    shim_vm_missing="cargo build of containerd-shim-palisade-v2 failed (errors above)"
 fi
 shim_bin=$bin_dir/containerd-shim-palisade-v2
-if [[ ! -x $shim_bin ]] || ! file "$shim_bin" | grep -q static; then
+if [[ -z $shim_vm_missing ]] && { [[ ! -x $shim_bin ]] || ! is_static "$shim_bin"; }; then
   shim_vm_missing="no static $shim_bin"
 fi
 for tool in containerd ctr mke2fs umoci; do

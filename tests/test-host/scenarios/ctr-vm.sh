@@ -59,7 +59,8 @@ if [ ! -S "$d/containerd.sock" ]; then
   finish
 fi
 export CONTAINERD_SNAPSHOTTER=native
-ctr() { command ctr --address "$d/containerd.sock" --namespace palisade "$@"; }
+# stdin from /dev/null: the scenario's own stdin is the test host's console.
+ctr() { command ctr --address "$d/containerd.sock" --namespace palisade "$@" </dev/null; }
 vm_run() { # vm_run ARGS...: ctr run --rm in VM mode, stdout+stderr captured
   ctr run --rm --runtime "$RUNTIME" --runtime-config-path "$cfg" "$@"
 }
@@ -84,7 +85,7 @@ fi
 [ "$(vmm_count)" = 0 ] || fail hi "palisade-vmm still running after ctr run --rm"
 
 # uname: the guest kernel, not L1's.
-guest_release=$(strings "$GUEST_DIR/vmlinux" | sed -n 's/^Linux version \([^ ]*\) .*/\1/p' | head -1)
+guest_release=$(strings "$GUEST_DIR/vmlinux" | sed -n 's/^Linux version \([0-9][^ ]*\) .*/\1/p' | head -1)
 out=$(vm_run "$IMAGE" vm-uname uname -r 2>&1)
 rc=$?
 if [ $rc = 0 ] && [ "$out" = "$guest_release" ] && [ "$out" != "$(uname -r)" ]; then
