@@ -127,6 +127,10 @@ shim_rss_kb() { # container id -> VmRSS (kB) of the shim serving it
       if [[ $(tr '\0' ' ' <"/proc/$pid/cmdline") == *"-id $1 "* ]]; then
         awk '/^VmRSS/ {print $2}' "/proc/$pid/status"
         awk '/^(RssAnon|RssFile|Threads)/ {printf "  %s %s %s\n", $1, $2, $3}' "/proc/$pid/status" >&2
+        if [[ -n ${BENCH_VERBOSE:-} ]]; then # resident kB per mapped file
+          awk '/^[0-9a-f]+-[0-9a-f]+ / {f=$2" "$6} /^Rss:/ {r[f]+=$2} END {for (f in r) if (r[f] > 100) printf "    %6d kB %s\n", r[f], f}' \
+            "/proc/$pid/smaps" | sort -rn >&2
+        fi
         return
       fi
     fi
