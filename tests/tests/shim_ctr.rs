@@ -547,3 +547,35 @@ fn exec_tty_kill_all_and_checkpoint_refusal() {
     ctrd.ctr_ok(["tasks", "delete", id]).unwrap();
     ctrd.ctr_ok(["containers", "delete", id]).unwrap();
 }
+
+#[test]
+fn missing_executable_fails_clearly_and_leaves_nothing() {
+    let (ctrd, _config) = containerd();
+    let out = ctrd
+        .run_container(
+            &shim(),
+            &["--rm"],
+            common::IMAGE,
+            "noexec",
+            &["/bin/does-not-exist"],
+        )
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("/bin/does-not-exist"),
+        "error names the path: {stderr}"
+    );
+    // ctr's --rm cleanup ran; nothing of the container is left anywhere.
+    let _ = ctrd.ctr(["containers", "delete", "noexec"]);
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    while !ctrd.shim_pids().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(ctrd.shim_pids().is_empty(), "shim outlived the failed task");
+    assert!(mounts_below(&ctrd.state_dir()).is_empty());
+    assert!(!std::path::Path::new("/run/palisade-test")
+        .join(ctrd.namespace())
+        .join("noexec")
+        .exists());
+}
