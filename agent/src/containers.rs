@@ -8,10 +8,10 @@
 use std::{
     collections::{HashMap, HashSet},
     fs,
-    os::fd::{AsFd, AsRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, OwnedFd, RawFd},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
-    time::{Duration, UNIX_EPOCH},
+    time::UNIX_EPOCH,
 };
 
 use nix::{sys::signal::kill, unistd::Pid};
@@ -20,8 +20,11 @@ use palisade_agent_protocol::agent::{
     CpuStats, CreateContainerRequest, ExecProcessRequest, MemoryStats, PidsStats,
     StatsContainerResponse, WaitProcessResponse,
 };
-use palisade_runtime::{CreateOptions, ExecOptions, Runtime, Signal, Terminal};
-use tokio::sync::mpsc;
+use palisade_runtime::{
+    cgroups::{OomEvent, OomWatcher},
+    CreateOptions, ExecOptions, Runtime, Signal, Terminal,
+};
+use tokio::{io::unix::AsyncFd, sync::mpsc};
 
 use crate::{
     error::{AgentError, Context, Result, RuntimeContext},
@@ -38,8 +41,8 @@ pub const MAX_STDIN_CHUNK: usize = 1 << 20;
 const MAX_CONTAINERS: usize = 1024;
 const MAX_EXECS_PER_CONTAINER: usize = 1024;
 const MAX_STORAGES: usize = 64;
-/// How often container cgroups are checked for new OOM kills.
-const OOM_POLL: Duration = Duration::from_millis(200);
+/// Notifications within this time after an OOM event belong to the same episode.
+const OOM_COALESCE: std::time::Duration = std::time::Duration::from_millis(100);
 /// OOM events queued for GetOomEvent; older ones are dropped (with a log) beyond this.
 const OOM_QUEUE: usize = 128;
 
@@ -70,7 +73,16 @@ struct ContainerEntry {
     execs: Mutex<HashMap<String, Arc<Process>>>,
     /// Mount points made for this container, in mount order.
     mounts: Vec<PathBuf>,
-    oom_kills: Mutex<u64>,
+    /// Forwards the cgroup's OOM notifications to GetOomEvent; stopped with the entry.
+    oom_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for ContainerEntry {
+    fn drop(&mut self) {
+        if let Some(task) = &self.oom_task {
+            task.abort();
+        }
+    }
 }
 
 #[derive(Default)]
@@ -156,16 +168,14 @@ struct Filesystems {
 impl Containers {
     pub fn new(runtime: Runtime, containers_dir: PathBuf, reaper: Reaper) -> Arc<Self> {
         let (oom_tx, oom_rx) = mpsc::channel(OOM_QUEUE);
-        let this = Arc::new(Self {
+        Arc::new(Self {
             runtime,
             containers_dir,
             table: Mutex::new(Table::default()),
             reaper,
             oom_tx,
             oom_rx: tokio::sync::Mutex::new(oom_rx),
-        });
-        tokio::spawn(watch_oom(Arc::downgrade(&this)));
-        this
+        })
     }
 
     fn container(&self, id: &str) -> Result<Arc<ContainerEntry>> {
@@ -352,6 +362,19 @@ impl Containers {
                 return Err(e);
             }
         };
+        let oom_task = match container.cgroup().oom_watcher() {
+            Ok(watcher) => match forward_oom_events(id.to_owned(), watcher, self.oom_tx.clone()) {
+                Ok(task) => Some(task),
+                Err(e) => {
+                    tracing::warn!(container = %id, "OOM events unavailable: {e}");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!(container = %id, "OOM events unavailable: {e}");
+                None
+            }
+        };
         Ok(Arc::new(ContainerEntry {
             id: id.to_owned(),
             dir: dir.to_owned(),
@@ -366,7 +389,7 @@ impl Containers {
             }),
             execs: Mutex::new(HashMap::new()),
             mounts: mounts.to_vec(),
-            oom_kills: Mutex::new(0),
+            oom_task,
         }))
     }
 
@@ -814,44 +837,64 @@ fn cleanup_bundle(dir: &Path, mounts: &[PathBuf]) {
     }
 }
 
-/// Publishes a container id on the OOM queue whenever its cgroup's OOM-kill counter grows.
-async fn watch_oom(containers: std::sync::Weak<Containers>) {
-    let mut tick = tokio::time::interval(OOM_POLL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    loop {
-        tick.tick().await;
-        let Some(this) = containers.upgrade() else {
-            return;
-        };
-        let entries: Vec<Arc<ContainerEntry>> = lock(&this.table).live.values().cloned().collect();
-        if entries.is_empty() {
-            continue;
-        }
-        let fired = tokio::task::spawn_blocking(move || {
-            let mut fired = Vec::new();
-            for entry in entries {
-                // Skip containers busy in a long operation (e.g. being deleted).
-                let Ok(handle) = entry.handle.try_lock() else {
-                    continue;
-                };
-                let Some(count) = handle.as_ref().and_then(|c| c.oom_kill_count().ok()) else {
-                    continue;
-                };
-                let mut seen = lock(&entry.oom_kills);
-                if count > *seen {
-                    *seen = count;
-                    fired.push(entry.id.clone());
+/// The OOM watcher's fd as tokio's reactor needs it.
+struct OomFd(OomWatcher);
+
+impl AsRawFd for OomFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+/// Queues `id` for GetOomEvent on every OOM the runtime's watcher reports (v1: eventfd on
+/// `memory.oom_control`; v2: inotify on `memory.events`), until the cgroup goes away.
+fn forward_oom_events(
+    id: String,
+    watcher: OomWatcher,
+    tx: mpsc::Sender<String>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    // SAFETY: the descriptor belongs to `watcher`, which the AsyncFd owns (inside OomFd) for
+    // its whole life, so it stays open and refers to the same file until deregistration.
+    let mut fd = unsafe { AsyncFd::register(OomFd(watcher)) }.map_err(std::io::Error::from)?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let mut ready = match fd.readable_mut().await {
+                Ok(ready) => ready,
+                Err(e) => {
+                    tracing::warn!(container = %id, "OOM watcher: {e}");
+                    return;
+                }
+            };
+            // Clear before draining: a notification arriving during `check` re-arms it.
+            ready.clear_ready();
+            let event = ready.get_inner_mut().0.check();
+            drop(ready);
+            match event {
+                Ok(Some(OomEvent::Oom { kills })) => {
+                    tracing::info!(container = %id, kills, "OOM");
+                    if tx.try_send(id.clone()).is_err() {
+                        tracing::warn!("OOM event queue full; event dropped");
+                    }
+                    // v1 signals every failed charge of one OOM episode (dozens within
+                    // milliseconds): report the episode once, at most every OOM_COALESCE.
+                    // (Readiness left cached by this drain costs one empty check later.)
+                    tokio::time::sleep(OOM_COALESCE).await;
+                    match fd.get_mut().0.check() {
+                        Ok(Some(OomEvent::Removed)) => return,
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(container = %id, "OOM watcher: {e}");
+                            return;
+                        }
+                    }
+                }
+                Ok(Some(OomEvent::Removed)) => return,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(container = %id, "OOM watcher: {e}");
+                    return;
                 }
             }
-            fired
-        })
-        .await
-        .unwrap_or_default();
-        for id in fired {
-            tracing::info!(container = %id, "OOM kill");
-            if this.oom_tx.try_send(id).is_err() {
-                tracing::warn!("OOM event queue full; event dropped");
-            }
         }
-    }
+    }))
 }
