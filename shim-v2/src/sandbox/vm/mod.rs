@@ -340,9 +340,12 @@ impl VmSandbox {
                 vmm::kill(pid);
                 let mut rx = exited.subscribe();
                 let _ = tokio::time::timeout(VM_STOP_TIMEOUT, rx.wait_for(|s| s.is_some())).await;
+                let console = bundle.join(vmm::CONSOLE_LOG);
                 return Err(TaskError::Unavailable(format!(
-                    "VM did not come up: {e}; see {} and {}",
-                    bundle.join(vmm::CONSOLE_LOG).display(),
+                    "VM did not come up: {e}; VMM log: [{}]; last console lines: [{}]; see {} and {}",
+                    vmm::tail(&bundle.join(vmm::VMM_LOG), 5),
+                    vmm::tail(&console, 15),
+                    console.display(),
                     bundle.join(vmm::VMM_LOG).display()
                 )));
             }

@@ -165,21 +165,25 @@ pub fn copy_output(of: StreamOf, stderr: bool, sink: Sink) -> Result<JoinHandle<
         if let Writer::Fifo { to, hold, path } = writer {
             drop(hold);
             // The data written so far lives only while some end of the FIFO is open:
-            // keep the writer until a reader has it open (bounded).
-            let deadline = tokio::time::Instant::now() + READER_WAIT;
-            loop {
-                match open_nonblocking(&path, true) {
-                    Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
-                        if tokio::time::Instant::now() > deadline {
-                            warn!("no reader for {} came; its output is lost", path.display());
-                            break;
+            // keep the writer until a reader has it open (bounded). Detached, so the
+            // exit is reported as soon as the output is in the FIFO (a detached
+            // `ctr run -d` never reads it).
+            tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + READER_WAIT;
+                loop {
+                    match open_nonblocking(&path, true) {
+                        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                            if tokio::time::Instant::now() > deadline {
+                                warn!("no reader for {} came; its output is lost", path.display());
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(10)).await;
                         }
-                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        _ => break,
                     }
-                    _ => break,
                 }
-            }
-            drop(to);
+                drop(to);
+            });
         }
     }))
 }

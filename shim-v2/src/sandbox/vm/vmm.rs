@@ -148,6 +148,14 @@ pub fn write_record(bundle: &Path, dir: &VmDir, pid: u32) -> Result<(), VmmError
         .map_err(io(format!("writing {}", path.display())))
 }
 
+/// The last `lines` lines of a log file, joined with " | " (for error messages).
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    all[all.len().saturating_sub(lines)..].join(" | ")
+}
+
 pub fn kill(pid: u32) {
     if let Ok(pid) = i32::try_from(pid) {
         let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
@@ -217,6 +225,15 @@ mod tests {
         assert!(joined.contains("--block path=/run/palisade/vm/x/disk0.img,id=drive0"));
         assert!(joined.contains("--serial-output /b/vm-console.log"));
         assert!(args.iter().any(|a| a.ends_with(" quiet")));
+    }
+
+    #[test]
+    fn tail_keeps_the_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        std::fs::write(&log, "a\nb\n\nc\n").unwrap();
+        assert_eq!(tail(&log, 2), "b | c");
+        assert_eq!(tail(&dir.path().join("none"), 2), "");
     }
 
     #[test]
