@@ -354,35 +354,27 @@ fn hvsock_cmd(args: &[String]) -> Result<ExitCode, String> {
         .map_err(|e| e.to_string())?;
     let start = Instant::now();
     let mut buf = [0u8; 4096];
-    loop {
+    let outcome = loop {
         match stream.read(&mut buf) {
-            Ok(0) => {
-                println!("peer_closed=eof");
-                break;
-            }
-            Ok(_) if start.elapsed() < hold => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                println!("peer_closed=reset");
-                break;
-            }
+            Ok(0) => break "eof".to_string(),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break "reset".into(),
             Err(e)
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) || start.elapsed() >= hold =>
+                ) =>
             {
-                println!("peer_closed=no");
-                return Ok(ExitCode::from(2));
+                break "no".into()
             }
-            Ok(_) => {
-                println!("peer_closed=no");
-                return Ok(ExitCode::from(2));
-            }
-            Err(e) => {
-                println!("peer_closed=error:{e}");
-                break;
-            }
+            Err(e) => break format!("error:{e}"),
+            Ok(_) if start.elapsed() >= hold => break "no".into(),
+            // Bytes from the guest side: keep holding.
+            Ok(_) => continue,
         }
+    };
+    println!("peer_closed={outcome}");
+    if outcome == "no" {
+        return Ok(ExitCode::from(2));
     }
     println!("held_ms={}", start.elapsed().as_millis());
     Ok(ExitCode::SUCCESS)
