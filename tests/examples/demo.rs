@@ -23,7 +23,9 @@ fn main() -> Result<()> {
 fn native_cli() -> Result<()> {
     println!("== native: palisade run (busybox bundle) ==");
     let bundle = Bundle::busybox(&["/bin/sh", "-c", SCRIPT])?;
-    let root = tempfile::Builder::new().prefix("palisade-demo-").tempdir()?;
+    let root = tempfile::Builder::new()
+        .prefix("palisade-demo-")
+        .tempdir()?;
     let id = format!("demo-{}", std::process::id());
     let status = Command::new(bin_dir().join("palisade"))
         .arg("--root")
