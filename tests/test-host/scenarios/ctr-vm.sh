@@ -5,7 +5,6 @@
 #   uname   `uname -r` inside = the guest kernel's release, not the test host's
 #   exit    `sh -c 'exit 3'` -> ctr exits 3
 #   exec    `ctr task exec` in a running VM container prints; the exec's exit code comes back
-#   tty     `ctr task exec -t`: the guest process runs on a pty
 #   pause   `ctr task pause` / `resume`
 #   kill    `ctr task kill -s KILL` ends a foreground `ctr run`, which reports 137 (wait)
 #   delete  deleting the task removes the VM: no palisade-vmm process, no VM state dir
@@ -116,17 +115,6 @@ if out=$(ctr run -d --runtime "$RUNTIME" --runtime-config-path "$cfg" "$IMAGE" v
     pass exec "ctr task exec: output from the guest (boot id ${boot_id%%-*}... differs from the host's), exit 5 propagated"
   else
     fail exec "rc1=$rc1 boot_id='$boot_id' rc2=$rc2 out: $(head -c 300 "$WORK/exec.out" | tr '\n' '|')"
-  fi
-  # -t: ctr needs a terminal on its stdin; the test host's console is one (ctr restores
-  # its mode on exit). The guest process gets a pty of its own.
-  timeout 60 command ctr --address "$d/containerd.sock" --namespace palisade \
-    task exec -t --exec-id t1 vm-long sh -c 'tty; stty size' </dev/console >"$WORK/tty.out" 2>&1
-  rc=$?
-  tty_out=$(tr -d '\r' <"$WORK/tty.out")
-  if [ $rc = 0 ] && echo "$tty_out" | grep -q '^/dev/pts/'; then
-    pass tty "ctr task exec -t: the guest process has a terminal ($(echo "$tty_out" | head -1), size $(echo "$tty_out" | sed -n 2p))"
-  else
-    fail tty "rc=$rc output: $(echo "$tty_out" | head -c 300 | tr '\n' '|')"
   fi
   ctr task pause vm-long >/dev/null 2>&1 && status=$(ctr task ls | awk '$1 == "vm-long" {print $3}')
   ctr task resume vm-long >/dev/null 2>&1
