@@ -59,7 +59,12 @@ fuzz_target!(|input: Input| {
         Arc::new(Mutex::new(device));
     let mut guest = Guest::new(device);
     let size = 1u16 << (input.queue_size_log2 % 9);
-    guest.init(size);
+    // A well-behaved driver with rings inside guest memory must get the device running;
+    // otherwise every op below would only exercise the inactive path.
+    assert!(
+        guest.init(size),
+        "virtio-blk refused a valid driver initialisation"
+    );
     // Head index for the next request chain; chains use consecutive descriptors.
     let mut next_desc: u16 = 0;
     for op in input.ops.iter().take(64) {

@@ -16,7 +16,9 @@
 # RUSTC_BOOTSTRAP=1 on stable) enables ASan when a nightly-like toolchain is acceptable.
 #
 # Environment: CARGO_TARGET_DIR (default <repo>/fuzz/target), FUZZ_SANITIZER (none),
-# FUZZ_CODEGEN_UNITS (16: faster builds, slightly slower fuzzing).
+# FUZZ_CODEGEN_UNITS (16: faster builds, slightly slower fuzzing), FUZZ_CORPUS_OUT (keep
+# the inputs libFuzzer found under this directory, one subdirectory per target, e.g. to
+# refresh the seed corpus with `<target binary> -merge=1 fuzz/corpus/<t> $FUZZ_CORPUS_OUT/<t>`).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -79,11 +81,12 @@ done
 
 # 2. Bounded fuzzing from the committed corpus.
 for t in $targets; do
-    mkdir -p "$work/corpus/$t" "$work/artifacts/$t"
+    corpus="${FUZZ_CORPUS_OUT:-$work/corpus}/$t"
+    mkdir -p "$corpus" "$work/artifacts/$t"
     log="$work/$t.log"
     echo "fuzz.sh: $t for ${seconds}s"
     set +e
-    "$bin_dir/$t" "$work/corpus/$t" "$FUZZ_DIR/corpus/$t" \
+    "$bin_dir/$t" "$corpus" "$FUZZ_DIR/corpus/$t" \
         -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
         -artifact_prefix="$work/artifacts/$t/" >"$log" 2>&1
     rc=$?
