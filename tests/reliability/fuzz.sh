@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Bounded libFuzzer run of every palisade fuzz target (fuzz/, issue 8).
 #
-#   tests/reliability/fuzz.sh [--seconds N] [--targets "a b ..."] [--summary FILE]
+#   tests/reliability/fuzz.sh [--seconds N] [--targets "a b ..."] [--summary FILE] [--no-build]
 #
 # Builds the targets with `cargo fuzz` (installed from crates.io if missing), replays the
 # committed crash reproducers (fuzz/regressions/<target>/*), then fuzzes each target for N
@@ -28,11 +28,13 @@ ALL_TARGETS="virtio_vsock_tx virtio_blk_request virtio_mmio_registers oci_config
 seconds=30
 targets="$ALL_TARGETS"
 summary=""
+build=1
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --seconds) seconds="$2"; shift 2 ;;
         --targets) targets="$2"; shift 2 ;;
         --summary) summary="$2"; shift 2 ;;
+        --no-build) build=0; shift ;;
         -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "fuzz.sh: unknown argument $1" >&2; exit 2 ;;
     esac
@@ -48,11 +50,13 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
 
-build_start=$(date +%s)
-echo "fuzz.sh: building targets (sanitizer=$sanitizer, target dir $CARGO_TARGET_DIR)"
-(cd "$FUZZ_DIR" && cargo fuzz build --sanitizer "$sanitizer" --codegen-units "$codegen_units" \
-    --target-dir "$CARGO_TARGET_DIR")
-echo "fuzz.sh: build took $(( $(date +%s) - build_start )) s"
+if [[ $build -eq 1 ]]; then
+    build_start=$(date +%s)
+    echo "fuzz.sh: building targets (sanitizer=$sanitizer, target dir $CARGO_TARGET_DIR)"
+    (cd "$FUZZ_DIR" && cargo fuzz build --sanitizer "$sanitizer" --codegen-units "$codegen_units" \
+        --target-dir "$CARGO_TARGET_DIR")
+    echo "fuzz.sh: build took $(( $(date +%s) - build_start )) s"
+fi
 
 bin_dir="$CARGO_TARGET_DIR/$(rustc -vV | sed -n 's/^host: //p')/release"
 work=$(mktemp -d /tmp/palisade-fuzz-run.XXXXXX)
@@ -93,7 +97,7 @@ for t in $targets; do
     set -e
     # libFuzzer's final stats, or the last status line's "#N" if it died first.
     n=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
-    [[ -n "$n" ]] || n=$(grep -oE '^#[0-9]+' "$log" | tail -1 | tr -d '#')
+    [[ -n "$n" ]] || n=$( (grep -oE '^#[0-9]+' "$log" || true) | tail -1 | tr -d '#')
     execs[$t]=${n:-0}
     found=$(find "$work/artifacts/$t" -type f | wc -l)
     if [[ $rc -ne 0 || $found -gt 0 ]]; then
