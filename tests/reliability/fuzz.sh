@@ -61,6 +61,10 @@ fi
 bin_dir="$CARGO_TARGET_DIR/$(rustc -vV | sed -n 's/^host: //p')/release"
 work=$(mktemp -d /tmp/palisade-fuzz-run.XXXXXX)
 trap 'rm -rf "$work"' EXIT
+# The targets' scratch files (disk images, vsock sockets) live in a process-wide temp dir
+# that libFuzzer's exit() never drops: keep them under $work so the trap removes them.
+mkdir -p "$work/tmp"
+export TMPDIR="$work/tmp"
 
 failed=0
 declare -A execs crashes notes
