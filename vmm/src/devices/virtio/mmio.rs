@@ -10,6 +10,26 @@ use std::io;
 use std::sync::{Arc, Mutex};
 
 use tracing::{debug, warn};
+
+/// Guest-triggered warnings logged per transport before they drop to debug level: a
+/// misbehaving (or hostile) driver must not be able to fill the host's VMM log.
+const GUEST_WARNING_BUDGET: u32 = 32;
+
+/// `warn!` for conditions the guest caused, within [`GUEST_WARNING_BUDGET`].
+macro_rules! guest_warn {
+    ($transport:expr, $($arg:tt)*) => {{
+        let count = &mut $transport.guest_warnings;
+        *count = count.saturating_add(1);
+        if *count <= GUEST_WARNING_BUDGET {
+            warn!($($arg)*);
+            if *count == GUEST_WARNING_BUDGET {
+                warn!("virtio-mmio: warning budget spent; further driver errors are logged at debug level");
+            }
+        } else {
+            debug!($($arg)*);
+        }
+    }};
+}
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -138,6 +158,8 @@ pub struct MmioTransport {
     status: u32,
     config_generation: u32,
     event_handler: Option<Box<dyn EventHandler>>,
+    /// Warnings the guest's driver caused so far (see [`GUEST_WARNING_BUDGET`]).
+    guest_warnings: u32,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -201,6 +223,7 @@ impl MmioTransport {
             queue_sel: 0,
             status: 0,
             config_generation: 0,
+            guest_warnings: 0,
             event_handler: Some(event_handler),
         })
     }
@@ -232,7 +255,8 @@ impl MmioTransport {
             VIRTIO_CONFIG_S_FEATURES_OK,
             VIRTIO_CONFIG_S_DRIVER_OK | VIRTIO_CONFIG_S_FAILED | VIRTIO_CONFIG_S_NEEDS_RESET,
         ) {
-            warn!(
+            guest_warn!(
+                self,
                 "virtio-mmio: queue register written in status {:#x}",
                 self.status
             );
@@ -283,7 +307,11 @@ impl MmioTransport {
                     VIRTIO_CONFIG_S_DRIVER,
                     VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_FAILED,
                 ) {
-                    warn!("virtio-mmio: features written in status {:#x}", self.status);
+                    guest_warn!(
+                        self,
+                        "virtio-mmio: features written in status {:#x}",
+                        self.status
+                    );
                     return;
                 }
                 match self.driver_features_sel {
@@ -291,7 +319,8 @@ impl MmioTransport {
                     1 => set_high(&mut self.acked_features, value),
                     // Pages beyond 64 bits: nothing can be offered there.
                     _ if value != 0 => {
-                        warn!(
+                        guest_warn!(
+                            self,
                             "virtio-mmio: driver acked unknown features page {}",
                             self.driver_features_sel
                         );
@@ -346,7 +375,7 @@ impl MmioTransport {
                 // Normally caught by a KVM ioeventfd; this is the slow path.
                 if let Some(evt) = self.queue_evts.get(value as usize) {
                     if let Err(e) = evt.write(1) {
-                        warn!("virtio-mmio: cannot signal queue {value}: {e}");
+                        guest_warn!(self, "virtio-mmio: cannot signal queue {value}: {e}");
                     }
                 }
             }
@@ -369,7 +398,10 @@ impl MmioTransport {
         }
         let old = self.status;
         if value & old != old {
-            warn!("virtio-mmio: driver cleared status bits ({old:#x} -> {value:#x}) without reset");
+            guest_warn!(
+                self,
+                "virtio-mmio: driver cleared status bits ({old:#x} -> {value:#x}) without reset"
+            );
             return;
         }
         const ACK: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
@@ -383,11 +415,15 @@ impl MmioTransport {
             (s, FEATURES_OK) if s == ACK | DRIVER => {
                 let unknown = self.acked_features & !self.avail_features;
                 if unknown != 0 {
-                    warn!(
+                    guest_warn!(
+                        self,
                         "virtio-mmio: driver acked features {unknown:#x} the device does not offer"
                     );
                 } else if self.acked_features & (1 << VIRTIO_F_VERSION_1) == 0 {
-                    warn!("virtio-mmio: driver did not accept VIRTIO_F_VERSION_1");
+                    guest_warn!(
+                        self,
+                        "virtio-mmio: driver did not accept VIRTIO_F_VERSION_1"
+                    );
                 } else {
                     self.status = value;
                 }
@@ -396,14 +432,17 @@ impl MmioTransport {
             (s, DRIVER_OK) if s == ACK | DRIVER | FEATURES_OK => match self.activate() {
                 Ok(()) => self.status = value,
                 Err(e) => {
-                    warn!("virtio-mmio: device activation refused: {e}");
+                    guest_warn!(self, "virtio-mmio: device activation refused: {e}");
                     self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
                     if let Err(e) = self.notify_config_change() {
-                        warn!("virtio-mmio: cannot raise config interrupt: {e}");
+                        guest_warn!(self, "virtio-mmio: cannot raise config interrupt: {e}");
                     }
                 }
             },
-            _ => warn!("virtio-mmio: invalid status transition {old:#x} -> {value:#x}"),
+            _ => guest_warn!(
+                self,
+                "virtio-mmio: invalid status transition {old:#x} -> {value:#x}"
+            ),
         }
     }
 
@@ -456,7 +495,7 @@ impl MmioTransport {
         // loop look at every queue once now that the device can serve them.
         for evt in &self.queue_evts {
             if let Err(e) = evt.write(1) {
-                warn!("virtio-mmio: cannot kick queue after activation: {e}");
+                guest_warn!(self, "virtio-mmio: cannot kick queue after activation: {e}");
             }
         }
         Ok(())
@@ -490,7 +529,8 @@ impl BusDevice for MmioTransport {
         }
         // Registers below the config space are 32 bits wide and aligned (§4.2.2.2).
         if data.len() != 4 || offset % 4 != 0 {
-            warn!(
+            guest_warn!(
+                self,
                 "virtio-mmio: {}-byte read at {offset:#x} ignored",
                 data.len()
             );
@@ -504,19 +544,24 @@ impl BusDevice for MmioTransport {
             if self.has_status(VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_FAILED) {
                 lock_device(&self.device).write_config(offset - REG_CONFIG, data);
             } else {
-                warn!("virtio-mmio: config written in status {:#x}", self.status);
+                guest_warn!(
+                    self,
+                    "virtio-mmio: config written in status {:#x}",
+                    self.status
+                );
             }
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            warn!(
+            guest_warn!(
+                self,
                 "virtio-mmio: {}-byte write at {offset:#x} ignored",
                 data.len()
             );
             return;
         };
         if offset % 4 != 0 {
-            warn!("virtio-mmio: unaligned write at {offset:#x} ignored");
+            guest_warn!(self, "virtio-mmio: unaligned write at {offset:#x} ignored");
             return;
         }
         self.write_register(offset, u32::from_le_bytes(bytes));

@@ -431,3 +431,42 @@ fn invalid_device_queue_size_is_rejected_at_construction() {
         Err(MmioError::QueueMaxSize { index: 0, size: 3 })
     ));
 }
+
+/// A `tracing` writer that keeps what was logged.
+#[derive(Clone, Default)]
+struct CapturedLog(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn guest_caused_warnings_are_budgeted() {
+    let log = CapturedLog::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(move || writer.clone())
+        .finish();
+    let mut f = fixture();
+    tracing::subscriber::with_default(subscriber, || {
+        // Queue registers before FEATURES_OK: each write is a driver error. A flood of them
+        // must not keep logging at warn level.
+        for _ in 0..10_000 {
+            f.write(REG_QUEUE_NUM, 8);
+        }
+    });
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let warnings = text.lines().filter(|l| l.contains("WARN")).count();
+    // The budget, plus the one line saying the rest goes to debug level.
+    assert_eq!(warnings, GUEST_WARNING_BUDGET as usize + 1, "{text}");
+    assert!(text.contains("warning budget spent"));
+    // The transport still works after the flood.
+    assert_eq!(f.read(REG_MAGIC), MMIO_MAGIC_VALUE);
+}
