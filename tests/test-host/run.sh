@@ -30,7 +30,7 @@ out=${PALISADE_BUILD_DIR:-$repo/build}/test-host
 
 # Scenario order for `all`, with the time limit (s) the test host gives each one. Slow TCG:
 # one inner Linux boot costs ~5 s, a full containerd round ~30 s.
-scenarios_all=(smoke:120 boot:150 smp:120 container:150 lifecycle:180 ctr-vm:300 bench:300)
+scenarios_all=(smoke:180 boot:150 smp:120 container:150 lifecycle:180 ctr-vm:360 bench:300)
 host_boot_budget=120
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed 's/^# \{0,1\}//; /^set -euo/d'; }
@@ -84,15 +84,43 @@ find "$out/logs" -name "*.log" -printf "%T@ %p\n" | sort -rn | tail -n +20 | cut
 
 echo "run.sh: booting the test host (QEMU TCG, -cpu max) for: ${selected[*]} (limit ${total_limit}s)"
 echo "run.sh: serial log: $log"
+# Silence watchdog: the test host prints at least once per scenario, so no serial output for
+# longer than the longest scenario limit (+60 s) means L1 itself is wedged (seen once under
+# heavy load: no scenario timeout fired). Stop it then instead of waiting for the total limit.
+silence_limit=60
+for s in "${selected[@]}"; do
+  l=$(limit_of "$s")
+  ((l + 60 > silence_limit)) && silence_limit=$((l + 60))
+done
+pidfile="$out/qemu.pid"
+rm -f "$pidfile"
+: >"$log"
+(
+  while sleep 5; do
+    [[ -s $pidfile ]] || continue
+    pid=$(cat "$pidfile")
+    kill -0 "$pid" 2>/dev/null || exit 0
+    age=$(($(date +%s) - $(stat -c %Y "$log")))
+    if ((age > silence_limit)); then
+      echo "run.sh: no serial output for ${age} s (limit ${silence_limit} s): the test host is wedged; stopping it"
+      kill "$pid"
+      exit 0
+    fi
+  done
+) &
+watchdog=$!
 set +e
 # stdin from /dev/null: QEMU must not grab the terminal; the console is the serial port.
 timeout --kill-after=10 "$total_limit" qemu-system-x86_64 \
   -accel tcg -cpu max -m "${PALISADE_TEST_HOST_MEM_MIB:-2048}" -smp "${PALISADE_TEST_HOST_SMP:-2}" \
   -nodefaults -no-user-config -display none -serial stdio -monitor none -no-reboot \
-  -kernel "$L1_KERNEL" -initrd "$L1_INITRD" -append "$append" </dev/null 2>&1 |
+  -pidfile "$pidfile" -kernel "$L1_KERNEL" -initrd "$L1_INITRD" -append "$append" </dev/null 2>&1 |
   sed -u 's/\r$//' | tee "$log" | grep --line-buffered -E '^PALISADE-(TEST|HOST|BENCH) '
 qemu_rc=${PIPESTATUS[0]}
 set -e
+kill "$watchdog" 2>/dev/null
+wait "$watchdog" 2>/dev/null
+rm -f "$pidfile"
 end=$(date +%s)
 
 # --- verdict ------------------------------------------------------------------------------

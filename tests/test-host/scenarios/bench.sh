@@ -59,8 +59,12 @@ q_rss=$(median 2 "$WORK/qemu.ms")
 p_own=$(median 3 "$WORK/palisade.ms")
 q_own=$(median 3 "$WORK/qemu.ms")
 ratio=$(awk -v p="$p_ms" -v q="$q_ms" 'BEGIN {printf "%.2f", p/q}')
+# TCG-nested timings on a shared machine are noisy: the fastest round of each is reported too.
+p_min=$(sort -n "$WORK/palisade.ms" | head -1 | cut -d' ' -f1)
+q_min=$(sort -n "$WORK/qemu.ms" | head -1 | cut -d' ' -f1)
+min_ratio=$(awk -v p="$p_min" -v q="$q_min" 'BEGIN {printf "%.2f", p/q}')
 goal=$(awk -v r="$ratio" 'BEGIN {print (r <= 0.8) ? "met" : "NOT met"}')
 mib() { awk -v k="$1" 'BEGIN {printf "%.1f", k/1024}'; }
-echo "PALISADE-BENCH vm-boot summary rounds=$rounds palisade_ready_ms=$p_ms qemu_ready_ms=$q_ms ratio=$ratio palisade_rss_kib=$p_rss palisade_rss_outside_guest_kib=$p_own qemu_rss_kib=$q_rss qemu_rss_outside_guest_kib=$q_own"
-pass bench "guest ready (median of $rounds, interleaved): palisade-vmm $p_ms ms vs qemu microvm $q_ms ms = ratio $ratio (goal ≤ 0.80: $goal); RSS at ready: palisade-vmm $(mib "$p_rss") MiB ($(mib "$p_own") MiB outside guest RAM) vs qemu $(mib "$q_rss") MiB ($(mib "$q_own") MiB)"
+echo "PALISADE-BENCH vm-boot summary rounds=$rounds palisade_ready_ms=$p_ms qemu_ready_ms=$q_ms ratio=$ratio palisade_min_ms=$p_min qemu_min_ms=$q_min min_ratio=$min_ratio palisade_rss_kib=$p_rss palisade_rss_outside_guest_kib=$p_own qemu_rss_kib=$q_rss qemu_rss_outside_guest_kib=$q_own"
+pass bench "guest ready (median of $rounds, interleaved): palisade-vmm $p_ms ms vs qemu microvm $q_ms ms = ratio $ratio (goal ≤ 0.80: $goal; fastest rounds $p_min vs $q_min ms = $min_ratio); RSS at ready: palisade-vmm $(mib "$p_rss") MiB ($(mib "$p_own") MiB outside guest RAM) vs qemu $(mib "$q_rss") MiB ($(mib "$q_own") MiB)"
 finish
