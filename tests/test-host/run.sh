@@ -118,8 +118,8 @@ timeout --kill-after=10 "$total_limit" qemu-system-x86_64 \
   sed -u 's/\r$//' | tee "$log" | grep --line-buffered -E '^PALISADE-(TEST|HOST|BENCH) '
 qemu_rc=${PIPESTATUS[0]}
 set -e
-kill "$watchdog" 2>/dev/null
-wait "$watchdog" 2>/dev/null
+kill "$watchdog" 2>/dev/null || true
+wait "$watchdog" 2>/dev/null || true # its status is the kill's
 rm -f "$pidfile"
 end=$(date +%s)
 
