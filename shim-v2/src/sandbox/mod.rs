@@ -74,3 +74,17 @@ pub trait Sandbox: Send + Sync {
     /// Whether no container is left (the shim may exit on Shutdown).
     async fn is_empty(&self) -> bool;
 }
+
+/// The OCI `Process` JSON of an exec request, checked to parse. Both sandboxes keep the raw
+/// bytes (the runtime or the agent parses them again where it runs the process).
+pub(crate) fn exec_process_spec(req: &ExecProcessRequest) -> Result<Vec<u8>, TaskError> {
+    let spec = req
+        .spec
+        .as_ref()
+        .map(|any| any.value.clone())
+        .ok_or_else(|| TaskError::InvalidArgument("exec request has no process spec".into()))?;
+    serde_json::from_slice::<oci_spec::runtime::Process>(&spec).map_err(|e| {
+        TaskError::InvalidArgument(format!("exec {}: invalid process spec: {e}", req.exec_id))
+    })?;
+    Ok(spec)
+}

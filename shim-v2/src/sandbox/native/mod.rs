@@ -509,14 +509,7 @@ impl Sandbox for NativeSandbox {
                 req.id
             )));
         }
-        let spec = req
-            .spec
-            .as_ref()
-            .map(|any| any.value.clone())
-            .ok_or_else(|| TaskError::InvalidArgument("exec request has no process spec".into()))?;
-        serde_json::from_slice::<oci_spec::runtime::Process>(&spec).map_err(|e| {
-            TaskError::InvalidArgument(format!("exec {}: invalid process spec: {e}", req.exec_id))
-        })?;
+        let spec = super::exec_process_spec(&req)?;
         {
             let mut execs = container.execs();
             if execs.contains_key(&req.exec_id) {
