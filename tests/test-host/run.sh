@@ -65,94 +65,131 @@ fi
 . "$out/image.env"
 built=$(date +%s)
 
-# Kernel command line: palisade.scenarios=name:limit,...  (the init applies the limits).
-spec=
-total_limit=$host_boot_budget
-for s in "${selected[@]}"; do
-  spec+="${spec:+,}$s:$(limit_of "$s")"
-  total_limit=$((total_limit + $(limit_of "$s")))
-done
-append="console=ttyS0 panic=-1 quiet palisade.scenarios=$spec"
-[[ ${PALISADE_TEST_HOST_VERBOSE:-0} == 1 ]] && append+=" palisade.verbose=1"
-# Scenario knobs, e.g. palisade.bench_rounds=9 (tests/bench/vm-boot-vs-qemu.sh sets it).
-append+=${PALISADE_TEST_HOST_EXTRA_APPEND:+ $PALISADE_TEST_HOST_EXTRA_APPEND}
+# boot_host SCENARIO...: boots L1 once for these scenarios and streams its serial log into
+# $log. Sets $log, $qemu_rc and $wedged (1 when L1's own kernel reported a soft lockup).
+boot_host() {
+  local scenarios=("$@") s l spec= total_limit=$host_boot_budget silence_limit=60 pidfile watchdog
+  # Kernel command line: palisade.scenarios=name:limit,...  (the init applies the limits).
+  for s in "${scenarios[@]}"; do
+    spec+="${spec:+,}$s:$(limit_of "$s")"
+    total_limit=$((total_limit + $(limit_of "$s")))
+  done
+  local append="console=ttyS0 panic=-1 quiet palisade.scenarios=$spec"
+  [[ ${PALISADE_TEST_HOST_VERBOSE:-0} == 1 ]] && append+=" palisade.verbose=1"
+  # Scenario knobs, e.g. palisade.bench_rounds=9 (tests/bench/vm-boot-vs-qemu.sh sets it).
+  append+=${PALISADE_TEST_HOST_EXTRA_APPEND:+ $PALISADE_TEST_HOST_EXTRA_APPEND}
 
-mkdir -p "$out/logs"
-log="$out/logs/$(date -u +%Y%m%dT%H%M%SZ)-$(IFS=-; echo "${selected[*]}" | cut -c1-60).log"
-# Keep the 20 most recent serial logs.
-find "$out/logs" -name "*.log" -printf "%T@ %p\n" | sort -rn | tail -n +20 | cut -d" " -f2- | xargs -r rm -f
+  mkdir -p "$out/logs"
+  log="$out/logs/$(date -u +%Y%m%dT%H%M%SZ)-$(IFS=-; echo "${scenarios[*]}" | cut -c1-60).log"
+  # Keep the 20 most recent serial logs.
+  find "$out/logs" -name "*.log" -printf "%T@ %p\n" | sort -rn | tail -n +20 | cut -d" " -f2- | xargs -r rm -f
 
-echo "run.sh: booting the test host (QEMU TCG, -cpu max) for: ${selected[*]} (limit ${total_limit}s)"
-echo "run.sh: serial log: $log"
-# Silence watchdog: the test host prints at least once per scenario, so no serial output for
-# longer than the longest scenario limit (+60 s) means L1 itself is wedged (seen once under
-# heavy load: no scenario timeout fired). Stop it then instead of waiting for the total limit.
-silence_limit=60
-for s in "${selected[@]}"; do
-  l=$(limit_of "$s")
-  ((l + 60 > silence_limit)) && silence_limit=$((l + 60))
-done
-pidfile="$out/qemu.pid"
-rm -f "$pidfile"
-: >"$log"
-(
-  while sleep 5; do
-    [[ -s $pidfile ]] || continue
-    pid=$(cat "$pidfile")
-    kill -0 "$pid" 2>/dev/null || exit 0
-    age=$(($(date +%s) - $(stat -c %Y "$log")))
-    if ((age > silence_limit)); then
-      echo "run.sh: no serial output for ${age} s (limit ${silence_limit} s): the test host is wedged; stopping it"
-      kill "$pid"
-      exit 0
+  echo "run.sh: booting the test host (QEMU TCG, -cpu max) for: ${scenarios[*]} (limit ${total_limit}s)"
+  echo "run.sh: serial log: $log"
+  # Silence watchdog: the test host prints at least once per scenario, so no serial output for
+  # longer than the longest scenario limit (+60 s) means L1 itself is wedged. Stop it then
+  # instead of waiting for the total limit. Likewise when L1's kernel reports a soft lockup:
+  # a CPU of the test host is stuck for good (seen with a KVM vCPU thread that never returned
+  # from its first KVM_RUN under nested SVM on TCG, at high host load), so nothing after it
+  # can pass.
+  for s in "${scenarios[@]}"; do
+    l=$(limit_of "$s")
+    ((l + 60 > silence_limit)) && silence_limit=$((l + 60))
+  done
+  pidfile="$out/qemu.pid"
+  rm -f "$pidfile" "$out/wedged"
+  : >"$log"
+  (
+    while sleep 5; do
+      [[ -s $pidfile ]] || continue
+      pid=$(cat "$pidfile")
+      kill -0 "$pid" 2>/dev/null || exit 0
+      age=$(($(date +%s) - $(stat -c %Y "$log")))
+      if ((age > silence_limit)); then
+        echo "run.sh: no serial output for ${age} s (limit ${silence_limit} s): the test host is wedged; stopping it"
+        kill "$pid"
+        exit 0
+      fi
+      if grep -q 'watchdog: BUG: soft lockup' "$log"; then
+        echo "run.sh: the test host's kernel reports a soft lockup: $(grep -m1 'soft lockup' "$log" | sed 's/^\[[^]]*\] //'); stopping it"
+        touch "$out/wedged"
+        kill "$pid"
+        exit 0
+      fi
+    done
+  ) &
+  watchdog=$!
+  set +e
+  # stdin from /dev/null: QEMU must not grab the terminal; the console is the serial port.
+  timeout --kill-after=10 "$total_limit" qemu-system-x86_64 \
+    -accel tcg -cpu max -m "${PALISADE_TEST_HOST_MEM_MIB:-2048}" -smp "${PALISADE_TEST_HOST_SMP:-2}" \
+    -nodefaults -no-user-config -display none -serial stdio -monitor none -no-reboot \
+    -pidfile "$pidfile" -kernel "$L1_KERNEL" -initrd "$L1_INITRD" -append "$append" </dev/null 2>&1 |
+    sed -u 's/\r$//' | tee "$log" | grep --line-buffered -E '^PALISADE-(TEST|HOST|BENCH|REL) '
+  qemu_rc=${PIPESTATUS[0]}
+  set -e
+  kill "$watchdog" 2>/dev/null || true
+  wait "$watchdog" 2>/dev/null || true # its status is the kill's
+  rm -f "$pidfile"
+  wedged=0
+  if [[ -e $out/wedged ]]; then wedged=1; fi
+  rm -f "$out/wedged"
+}
+
+# verdict SCENARIO...: sorts the scenarios into passed/skipped/failed from $log and prints
+# the failing scenarios' serial output.
+verdict() {
+  local s lines
+  failed=()
+  skipped=()
+  passed=()
+  for s in "$@"; do
+    lines=$(grep -E "^PALISADE-TEST $s(\.[^ ]*)? " "$log" || true)
+    if grep -q ' FAIL' <<<"$lines"; then
+      failed+=("$s")
+    elif grep -q ' PASS' <<<"$lines"; then
+      passed+=("$s")
+    elif grep -q ' SKIP' <<<"$lines"; then
+      skipped+=("$s")
+    else
+      failed+=("$s")
+      echo "PALISADE-TEST $s FAIL no result (the test host stopped before it finished)"
     fi
   done
-) &
-watchdog=$!
-set +e
-# stdin from /dev/null: QEMU must not grab the terminal; the console is the serial port.
-timeout --kill-after=10 "$total_limit" qemu-system-x86_64 \
-  -accel tcg -cpu max -m "${PALISADE_TEST_HOST_MEM_MIB:-2048}" -smp "${PALISADE_TEST_HOST_SMP:-2}" \
-  -nodefaults -no-user-config -display none -serial stdio -monitor none -no-reboot \
-  -pidfile "$pidfile" -kernel "$L1_KERNEL" -initrd "$L1_INITRD" -append "$append" </dev/null 2>&1 |
-  sed -u 's/\r$//' | tee "$log" | grep --line-buffered -E '^PALISADE-(TEST|HOST|BENCH) '
-qemu_rc=${PIPESTATUS[0]}
-set -e
-kill "$watchdog" 2>/dev/null || true
-wait "$watchdog" 2>/dev/null || true # its status is the kill's
-rm -f "$pidfile"
-end=$(date +%s)
 
-# --- verdict ------------------------------------------------------------------------------
-failed=()
-skipped=()
-passed=()
-for s in "${selected[@]}"; do
-  lines=$(grep -E "^PALISADE-TEST $s(\.[^ ]*)? " "$log" || true)
-  if grep -q ' FAIL' <<<"$lines"; then
-    failed+=("$s")
-  elif grep -q ' PASS' <<<"$lines"; then
-    passed+=("$s")
-  elif grep -q ' SKIP' <<<"$lines"; then
-    skipped+=("$s")
-  else
-    failed+=("$s")
-    echo "PALISADE-TEST $s FAIL no result (the test host stopped before it finished)"
+  if ! grep -q '^PALISADE-DONE ' "$log"; then
+    echo
+    echo "run.sh: the test host did not finish (QEMU exit $qemu_rc; 124 = outer time limit hit). Last 50 serial lines:"
+    tail -n 50 "$log" | sed 's/^/  | /'
   fi
-done
+  for s in "${failed[@]}"; do
+    echo
+    echo "run.sh: scenario $s FAILED. Last 60 lines of its serial output (VMM and guest logs included):"
+    # The scenario's section: from PALISADE-BEGIN to PALISADE-END (or the end of the log).
+    awk -v s="$s" '$0 == "PALISADE-BEGIN " s {on=1} on {print} on && $1 == "PALISADE-END" && $2 == s {on=0}' "$log" |
+      tail -n 60 | sed 's/^/  | /'
+  done
+}
 
-if ! grep -q '^PALISADE-DONE ' "$log"; then
+boot_host "${selected[@]}"
+verdict "${selected[@]}"
+all_passed=("${passed[@]}")
+all_skipped=("${skipped[@]}")
+# A wedged test host (its own kernel's soft lockup; see boot_host) says nothing about the
+# scenarios that were cut short: boot a fresh one, once, for every scenario that did not pass,
+# and say so. A second wedge or any real failure stays a failure.
+if ((wedged)) && ((${#failed[@]})); then
   echo
-  echo "run.sh: the test host did not finish (QEMU exit $qemu_rc; 124 = outer time limit hit). Last 50 serial lines:"
-  tail -n 50 "$log" | sed 's/^/  | /'
+  echo "run.sh: RETRY the test host wedged (soft lockup in its kernel); booting a fresh one once for: ${failed[*]}"
+  retry=("${failed[@]}")
+  boot_host "${retry[@]}"
+  verdict "${retry[@]}"
+  all_passed+=("${passed[@]}")
+  all_skipped+=("${skipped[@]}")
 fi
-for s in "${failed[@]}"; do
-  echo
-  echo "run.sh: scenario $s FAILED. Last 60 lines of its serial output (VMM and guest logs included):"
-  # The scenario's section: from PALISADE-BEGIN to PALISADE-END (or the end of the log).
-  awk -v s="$s" '$0 == "PALISADE-BEGIN " s {on=1} on {print} on && $1 == "PALISADE-END" && $2 == s {on=0}' "$log" |
-    tail -n 60 | sed 's/^/  | /'
-done
+passed=("${all_passed[@]}")
+skipped=("${all_skipped[@]}")
+end=$(date +%s)
 
 echo
 echo "run.sh: passed: ${passed[*]:-none}; skipped: ${skipped[*]:-none}; failed: ${failed[*]:-none}"
