@@ -147,6 +147,17 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
             );
         }
         ThreadKind::EventLoop => {
+            // virtio-net sets the tap's offloads to what the guest acknowledged, once per
+            // driver activation; every other tap ioctl happens before the filters.
+            rules.insert(
+                libc::SYS_ioctl,
+                vec![SeccompRule::new(vec![SeccompCondition::new(
+                    1,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::Eq,
+                    libc::TUNSETOFFLOAD,
+                )?])?],
+            );
             // New sockets only for vsock's Unix-domain connections.
             rules.insert(
                 libc::SYS_socket,
