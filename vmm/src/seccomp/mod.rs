@@ -306,6 +306,38 @@ mod tests {
     }
 
     #[test]
+    fn event_loop_filter_allows_only_the_tap_offload_ioctl() {
+        // virtio-net's TUNSETOFFLOAD runs on the device thread; any other ioctl (here
+        // TUNSETIFF, which could attach to another interface) is refused.
+        let prog = compile(ThreadKind::EventLoop).unwrap();
+        // SAFETY: fork in a test; the child only makes raw syscalls and exits via _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: resetting a signal disposition in the single-threaded child.
+            unsafe { libc::signal(libc::SIGSYS, libc::SIG_DFL) };
+            if seccompiler::apply_filter(&prog).is_err() {
+                // SAFETY: _exit is async-signal-safe.
+                unsafe { libc::_exit(5) };
+            }
+            // SAFETY: ioctls on an invalid fd: the filter decides before the kernel
+            // looks at the fd (EBADF when allowed).
+            unsafe {
+                if libc::ioctl(-1, libc::TUNSETOFFLOAD, 0 as libc::c_ulong) != -1 {
+                    libc::_exit(3);
+                }
+                libc::ioctl(-1, libc::TUNSETIFF, 0 as libc::c_ulong);
+                libc::_exit(4);
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFSIGNALED(status), "status {status:#x}");
+        assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
+    }
+
+    #[test]
     fn vcpu_filter_blocks_open_and_allows_write() {
         // Compile before forking: the child of a multi-threaded process must not allocate.
         let prog = compile(ThreadKind::Vcpu).unwrap();
