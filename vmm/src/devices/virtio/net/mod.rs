@@ -8,7 +8,7 @@
 //!
 //! Features: `VERSION_1` (transport), `STATUS` (link always up), `MAC` and `MTU` when
 //! configured, checksum and TCP segmentation offload both ways (`CSUM`, `HOST_TSO4/6`,
-//! `GUEST_CSUM`, `GUEST_TSO4/6`). The tap's offloads (`TUNSETOFFLOAD`) follow what the
+//! `GUEST_CSUM`, `GUEST_TSO4/6`), indirect descriptors. The tap's offloads (`TUNSETOFFLOAD`) follow what the
 //! guest acknowledged; they are set on the device thread after activation, before the
 //! first frame is read. No mergeable receive buffers: a Linux guest that acks GUEST_TSO
 //! (or has an MTU above 1500) posts 64 KiB receive chains ("big packets").
@@ -32,6 +32,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU,
     VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -180,7 +181,10 @@ impl NetDevice {
             | 1 << VIRTIO_NET_F_HOST_TSO6
             | 1 << VIRTIO_NET_F_GUEST_CSUM
             | 1 << VIRTIO_NET_F_GUEST_TSO4
-            | 1 << VIRTIO_NET_F_GUEST_TSO6;
+            | 1 << VIRTIO_NET_F_GUEST_TSO6
+            // A 64 KiB receive buffer or a TSO frame takes one ring slot instead of ~19
+            // (virtio-queue follows and bounds-checks the tables).
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC;
         if mac.is_some() {
             avail_features |= 1 << VIRTIO_NET_F_MAC;
         }
