@@ -25,7 +25,7 @@ pub mod tap;
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
@@ -137,6 +137,7 @@ pub struct NetDevice {
     tx_buf: Vec<u8>,
     stats: NetStats,
     guest_warnings: u32,
+    activations: u32,
     active: Option<ActiveState>,
 }
 
@@ -204,6 +205,7 @@ impl NetDevice {
             tx_buf: vec![0; MAX_FRAME_LEN],
             stats: NetStats::default(),
             guest_warnings: 0,
+            activations: 0,
             active: None,
         })
     }
@@ -399,6 +401,16 @@ impl NetDevice {
     }
 }
 
+impl Drop for NetDevice {
+    fn drop(&mut self) {
+        let s = self.stats;
+        info!(
+            "virtio-net: closed; tx {} frames ({} dropped), rx {} frames ({} dropped)",
+            s.tx_frames, s.tx_dropped, s.rx_frames, s.rx_dropped
+        );
+    }
+}
+
 fn signal(interrupt: &Interrupt) {
     if let Err(e) = interrupt.trigger(InterruptKind::UsedRing) {
         warn!("virtio-net: cannot raise interrupt: {e}");
@@ -443,6 +455,14 @@ impl VirtioDevice for NetDevice {
             if !queue.ready() {
                 return Err(ActivateError::QueueNotReady(index));
             }
+        }
+        // A driver resetting in a loop must not flood the log either.
+        self.activations = self.activations.saturating_add(1);
+        if self.activations <= GUEST_WARNING_BUDGET {
+            info!(
+                "virtio-net: driver ready (acked features {acked_features:#x}, tap offloads {:#x})",
+                tun_offload(acked_features)
+            );
         }
         self.active = Some(ActiveState {
             mem,
