@@ -252,8 +252,8 @@ impl NetDevice {
         active.offload_pending = false;
         let flags = tun_offload(active.acked_features);
         if let Err(e) = self.backend.set_offload(flags) {
-            // The tap keeps offering fewer offloads than acked (it starts with none), which
-            // is safe: frames the guest cannot take are dropped in `frame::prepare_rx`.
+            // The tap keeps its previous offloads (none after open). Safe either way: frames
+            // needing an offload the guest did not ack are dropped in `frame::prepare_rx`.
             warn!("virtio-net: cannot set tap offloads {flags:#x}: {e}");
         }
     }
