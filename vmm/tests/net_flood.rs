@@ -9,6 +9,8 @@
 //! device event loop, must still reach the guest (which echoes it and ends) within a
 //! bound, and the device's warnings about the malformed chains stay within its budget.
 //!
+//! Also: a missing tap is a clear error that leaves nothing behind.
+//!
 //! On this host's kvm-pvm the tiny guest runs slowly, so it cannot outpace the device;
 //! the in-process test `devices::virtio::net::tests::flood_does_not_stall_other_devices`
 //! covers a flood that does (a host thread as the guest).
@@ -160,4 +162,39 @@ impl Drop for KillOnDrop {
         // SAFETY: signalling our own child process by pid.
         unsafe { libc::kill(self.0, libc::SIGKILL) };
     }
+}
+
+#[test]
+fn missing_tap_is_a_clear_error_and_leaves_nothing_behind() {
+    // Needs /dev/kvm (the VM exists before its devices). The vsock device is created
+    // before the net device fails: its socket must be gone again.
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("spin.elf");
+    std::fs::write(
+        &kernel,
+        testing::tiny_elf(&testing::spin_guest(), TINY_GUEST_LOAD, None),
+    )
+    .unwrap();
+    let vsock = dir.path().join("v.sock");
+    let out = Command::new(VMM)
+        .args([
+            "--kernel",
+            path(&kernel),
+            "--vsock-cid",
+            "3",
+            "--vsock-uds",
+            path(&vsock),
+            "--net",
+            "tap=pl-missing0",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.contains("virtio-net (tap pl-missing0)")
+            && stderr.contains("does not exist in the VMM's network namespace"),
+        "stderr: {stderr}"
+    );
+    assert!(!vsock.exists(), "vsock socket left behind");
 }
