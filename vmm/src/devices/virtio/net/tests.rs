@@ -931,3 +931,51 @@ impl Drop for StopOnDrop {
         self.0.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+#[test]
+fn waiting_frames_without_rx_buffers_do_not_spin_the_real_event_loop() {
+    // Real epoll: frames wait in the backend, the guest has no receive buffers. After the
+    // device noticed, a wait on the loop must block for its whole timeout (a still
+    // watched, level-triggered readable tap would return at once, forever).
+    use std::time::{Duration, Instant};
+
+    use crate::devices::virtio::test_utils::driver_init;
+    use crate::devices::virtio::MmioTransport;
+    use crate::devices::VirtioMmioDevice;
+    use crate::event_loop::EventLoop;
+
+    let mem = test_memory(MEM_SIZE);
+    let mut rx = TestQueue::new(&mem, RXQ, QUEUE_SIZE);
+    let tx = TestQueue::new(&mem, TXQ, QUEUE_SIZE);
+    let (net, peer, _) = device();
+    let mut net = MmioTransport::new(mem.clone(), net).unwrap();
+    driver_init(&mut net, &[&rx, &tx]);
+    let mut event_loop = EventLoop::new().unwrap();
+    event_loop
+        .add_handler(net.take_event_handler().unwrap())
+        .unwrap();
+    let rx_kick = net.queue_notify_events().unwrap().remove(0).1;
+    for seed in 0..10 {
+        let mut f = header(0, 0);
+        f.extend_from_slice(&payload(64, seed));
+        peer.send(&f).unwrap();
+    }
+    // Activation kicks, then the tap's readiness: the device finds no buffer.
+    for _ in 0..4 {
+        event_loop.run_once(0).unwrap();
+    }
+    for _ in 0..3 {
+        let t = Instant::now();
+        event_loop.run_once(100).unwrap();
+        assert!(
+            t.elapsed() >= Duration::from_millis(90),
+            "event loop woke after {:?} with nothing to do",
+            t.elapsed()
+        );
+    }
+    // The guest posts a buffer and notifies: one frame is delivered.
+    rx.add_chain(&[wr(DATA, 1526)]);
+    rx_kick.write(1).unwrap();
+    event_loop.run_once(1000).unwrap();
+    assert_eq!(rx.next_used().map(|(_, len)| len), Some(76));
+}
