@@ -279,6 +279,10 @@ impl NetDevice {
         let Some(active) = self.active.as_mut() else {
             return;
         };
+        if let Err(e) = avail_index_sane(&active.txq, &active.mem) {
+            self.guest_warn(format_args!("transmit queue: {e}"));
+            return;
+        }
         let mut completed = 0usize;
         let mut problems: Vec<(u16, FrameError)> = Vec::new();
         let mut backend_errors: Vec<io::Error> = Vec::new();
@@ -331,6 +335,12 @@ impl NetDevice {
         let Some(active) = self.active.as_mut() else {
             return;
         };
+        if let Err(e) = avail_index_sane(&active.rxq, &active.mem) {
+            self.guest_warn(format_args!("receive queue: {e}"));
+            // Treat as "no buffers": stop watching the tap until the next notification.
+            self.poll_backend(ctl, false);
+            return;
+        }
         // Frames taken from the backend this round (delivered or dropped).
         let mut delivered = 0usize;
         let mut completed = false;
@@ -409,6 +419,24 @@ impl Drop for NetDevice {
             s.tx_frames, s.tx_dropped, s.rx_frames, s.rx_dropped
         );
     }
+}
+
+/// Whether the driver's available index is at most a ring ahead of what we consumed.
+/// virtio-queue refuses such a ring too, but logs an error on every attempt; checking
+/// first keeps a guest that corrupts its index within the warning budget.
+fn avail_index_sane(queue: &Queue, mem: &GuestMemoryMmap) -> Result<(), String> {
+    let avail = queue
+        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        .map_err(|e| format!("cannot read the available index: {e}"))?;
+    let pending = avail.0.wrapping_sub(queue.next_avail());
+    if pending > queue.size() {
+        return Err(format!(
+            "available index {} is {pending} entries ahead of the device (queue size {})",
+            avail.0,
+            queue.size()
+        ));
+    }
+    Ok(())
 }
 
 fn signal(interrupt: &Interrupt) {

@@ -462,6 +462,39 @@ fn indirect_chains_both_ways() {
 }
 
 #[test]
+fn corrupt_available_index_is_refused_within_the_warning_budget() {
+    let mem = test_memory(MEM_SIZE);
+    let mut rx = TestQueue::new(&mem, RXQ, QUEUE_SIZE);
+    let mut tx = TestQueue::new(&mem, TXQ, QUEUE_SIZE);
+    let mut h = start(&mem, &rx, &tx, 0);
+    tx.add_chain(&[rd(DATA, 60)]);
+    rx.add_chain(&[wr(DATA2, 1526)]);
+    // More than a ring ahead of the device.
+    for q in [&tx, &rx] {
+        q.mock.avail().idx().store(QUEUE_SIZE + 5);
+    }
+    let mut f = header(0, 0);
+    f.extend_from_slice(&payload(64, 1));
+    h.peer.send(&f).unwrap();
+    for _ in 0..100 {
+        h.kick(TX_QUEUE);
+        h.kick(RX_QUEUE);
+    }
+    assert_eq!(h.device.stats(), NetStats::default());
+    assert!(h.recv().is_none());
+    assert!(!h.ctl.fds.contains_key(&h.backend_fd()));
+    assert_eq!(h.device.guest_warnings, 200, "every refusal counted");
+    // A repaired index works again.
+    tx.mock.avail().idx().store(1);
+    rx.mock.avail().idx().store(1);
+    h.kick(TX_QUEUE);
+    h.kick(RX_QUEUE);
+    let stats = h.device.stats();
+    assert_eq!((stats.tx_frames, stats.rx_frames), (1, 1));
+    assert!(tx.next_used().is_some() && rx.next_used().is_some());
+}
+
+#[test]
 fn malformed_rx_chains_are_completed_empty() {
     let mem = test_memory(MEM_SIZE);
     let mut rx = TestQueue::new(&mem, RXQ, QUEUE_SIZE);
