@@ -191,7 +191,12 @@ impl LeakChecker {
                 });
             }
         }
-        leaks.extend(now.state.difference(&before.state).cloned().map(Leak::State));
+        leaks.extend(
+            now.state
+                .difference(&before.state)
+                .cloned()
+                .map(Leak::State),
+        );
         leaks.extend(
             now.sockets
                 .difference(&before.sockets)
