@@ -59,23 +59,28 @@ impl Scope {
     }
 
     /// Everything a private containerd and palisade's shim create for its tasks:
-    /// containerd's directory (bundles, FIFOs given with `--fifo-dir` below it, the
-    /// runtime root if the test placed it there) and namespace (cgroup paths
-    /// `/<namespace>/<id>`), the per-namespace bundle directory, `runtime_root/<ns>` and
-    /// the VM state directory of VM-mode pods.
+    /// containerd's directory (bundles, FIFOs given with `--fifo-dir` below it), the
+    /// runtime root, the containers' cgroups `/<namespace>/<id>` and the entries of the
+    /// per-namespace bundle and runtime-state directories. The per-namespace parents
+    /// themselves (cgroup `/<namespace>`, `runtime_root/<namespace>`) are shared by every
+    /// container of the namespace and stay, as with runc; what is below them is checked.
+    /// `runtime_root` is the shim's `[native] runtime_root`; the runtime keeps the
+    /// namespace's containers in `runtime_root/<namespace>`, which is all that is watched
+    /// (other tests may share the root with other namespaces).
     pub fn for_containerd(ctrd: &Containerd, runtime_root: &Path) -> Self {
+        let runtime_dir = runtime_root.join(ctrd.namespace());
         let mut scope = Self::with_markers([
             ctrd.dir().display().to_string(),
             format!("/{}/", ctrd.namespace()),
-            runtime_root.display().to_string(),
+            format!("{}/", runtime_dir.display()),
         ]);
         scope.state_dirs = vec![
             ctrd.state_dir()
                 .join("io.containerd.runtime.v2.task")
                 .join(ctrd.namespace()),
-            runtime_root.join(ctrd.namespace()),
+            runtime_dir.clone(),
         ];
-        scope.trees = vec![ctrd.dir().to_path_buf(), runtime_root.to_path_buf()];
+        scope.trees = vec![ctrd.dir().to_path_buf(), runtime_dir];
         scope
     }
 
@@ -175,7 +180,9 @@ impl LeakChecker {
             }
         }
         for cgroup in now.cgroups.difference(&before.cgroups) {
-            if self.scope.attributed(&format!("{}/", cgroup.display())) {
+            // Matched without a trailing slash: a marker `/<ns>/` attributes the
+            // containers' cgroups below the per-namespace parent, not the parent itself.
+            if self.scope.attributed(&cgroup.display().to_string()) {
                 leaks.push(Leak::Cgroup(cgroup.clone()));
             }
         }
