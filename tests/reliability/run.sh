@@ -64,7 +64,8 @@ run_part() {
     echo "== $name: $*"
     "$@" >"$log" 2>&1
     local rc=$?
-    grep -E '^PALISADE-REL(-LEAK)? ' "$log" | tee -a "$lines"
+    # cargo test prints `test NAME ... ` and the test's first line on one line.
+    grep -oE 'PALISADE-REL(-LEAK|-FAIL)? .*$' "$log" | tee -a "$lines"
     if [[ $rc -ne 0 ]]; then
         echo "$name" >>"$failed"
         echo "-- $name FAILED (exit $rc); last lines of its output:"
@@ -129,7 +130,8 @@ tc=0 tf=0 ti=0 tl=0 te=0 tx=0
 field() { sed -n "s/.* $1=\([0-9]*\).*/\1/p" <<<"$2"; }
 while read -r _ part rest; do
     [[ -n $part ]] || continue
-    c=$(field cycles " $rest"); f=$(field faults " $rest"); i=$(field inputs " $rest"); l=$(field leaks " $rest")
+    c=$(field cycles " $rest"); x=$(field failed " $rest"); f=$(field faults " $rest"); i=$(field inputs " $rest"); l=$(field leaks " $rest")
+    [[ -z $x || $x == 0 ]] || part="$part ($x failed)"
     printf "$fmt" "$part" "${c:--}" "${f:--}" "${i:--}" "${l:--}" - -
     tc=$((tc + ${c:-0})); tf=$((tf + ${f:-0})); ti=$((ti + ${i:-0})); tl=$((tl + ${l:-0}))
 done < <(grep -E '^PALISADE-REL ' "$lines")
@@ -146,6 +148,10 @@ printf "$fmt" total "$tc" "$tf" "$ti" "$tl" "$te" "$tx"
 if grep -qE '^PALISADE-REL-LEAK ' "$lines"; then
     echo "leftovers:"
     grep -E '^PALISADE-REL-LEAK ' "$lines" | sed 's/^PALISADE-REL-LEAK /  /'
+fi
+if grep -qE '^PALISADE-REL-FAIL ' "$lines"; then
+    echo "failures:"
+    grep -E '^PALISADE-REL-FAIL ' "$lines" | sed 's/^PALISADE-REL-FAIL /  /'
 fi
 [[ $tl -eq 0 && $tx -eq 0 ]] || status=1
 if [[ -s "$failed" ]]; then

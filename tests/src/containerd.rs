@@ -160,6 +160,11 @@ impl Containerd {
         Ok(containerd)
     }
 
+    /// The pid of the running daemon.
+    pub fn daemon_pid(&self) -> Option<i32> {
+        self.daemon.as_ref().map(|d| d.id() as i32)
+    }
+
     /// The temporary directory holding config, root, state, sockets and logs.
     pub fn dir(&self) -> &Path {
         self.dir.path()

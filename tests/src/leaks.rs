@@ -43,6 +43,8 @@ pub struct Scope {
     pub trees: Vec<PathBuf>,
     /// Individual paths that must not exist after the run unless they did before.
     pub files: BTreeSet<PathBuf>,
+    /// Processes the test itself started on purpose (e.g. a restarted containerd).
+    pub expected_pids: BTreeSet<i32>,
 }
 
 impl Scope {
@@ -187,7 +189,9 @@ impl LeakChecker {
             }
         }
         for ((pid, start), info) in &now.processes {
-            if before.processes.contains_key(&(*pid, *start)) {
+            if before.processes.contains_key(&(*pid, *start))
+                || self.scope.expected_pids.contains(pid)
+            {
                 continue;
             }
             if self.scope.attributed(&info.cmdline) || self.scope.attributed(&info.cgroup) {

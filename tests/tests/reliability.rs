@@ -141,12 +141,36 @@ fn churn() {
     let rig = Rig::new();
     let mut checker = LeakChecker::new(rig.scope());
     let started = Instant::now();
+    // Failed cycles are collected (with what the shim logged about them), not fatal at
+    // once: the count says how often it happens.
+    let mut failures = Vec::new();
     for i in 0..cycles {
         let id = format!("churn-{i}");
         checker.scope_mut().add_shim_socket(&rig.ctrd, &id);
         let out = rig.run(&["--rm"], &id, &["/bin/echo", &format!("cycle {i}")]);
-        assert!(out.status.success(), "cycle {i}: {}", stderr(&out));
-        assert_eq!(String::from_utf8_lossy(&out.stdout), format!("cycle {i}\n"));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() || stdout != format!("cycle {i}\n") {
+            let log = std::fs::read_to_string(rig.ctrd.log_path()).unwrap_or_default();
+            let logged: Vec<&str> = log
+                .lines()
+                .filter(|l| {
+                    l.contains(&format!("{id}/"))
+                        || l.contains(&format!("{id}-std"))
+                        || l.contains(&format!("id={id}"))
+                })
+                .filter(|l| !l.contains("level=debug"))
+                .collect();
+            failures.push(format!(
+                "cycle {i}: {} stdout {stdout:?} stderr {:?}\n    {}",
+                out.status,
+                stderr(&out),
+                logged.join("\n    ")
+            ));
+            // The container of a failed run may remain; remove it so the leak diff is about
+            // the runtime, not this cycle.
+            let _ = rig.ctrd.ctr(["tasks", "delete", "--force", &id]);
+            let _ = rig.ctrd.ctr(["containers", "delete", &id]);
+        }
         if (i + 1) % 100 == 0 {
             eprintln!(
                 "churn: {} cycles in {:.1} s",
@@ -161,7 +185,26 @@ fn churn() {
         elapsed.as_secs_f64(),
         elapsed.as_secs_f64() * 1000.0 / cycles.max(1) as f64
     );
-    finish("native-churn", &checker, &[("cycles", cycles)]);
+    let leaks = checker.settle(SETTLE);
+    report(
+        "native-churn",
+        &[("cycles", cycles), ("failed", failures.len())],
+        &leaks,
+    );
+    for failure in &failures {
+        println!("PALISADE-REL-FAIL native-churn {failure}");
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {cycles} cycles failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert!(
+        leaks.is_empty(),
+        "native-churn leaked:\n{}",
+        describe(&leaks)
+    );
 }
 
 /// 20 pods at once, each its own shim; all succeed with their own output.
