@@ -336,6 +336,13 @@ pub fn bad_ids() -> Vec<(String, String)> {
             "a b".into(),
             "invalid container id \"a b\": may only contain [A-Za-z0-9_+.:@-]".into(),
         ),
-        (long, "File name too long".into()),
+        (
+            ".".into(),
+            "invalid container id \".\": must not be \".\"".into(),
+        ),
+        (
+            long.clone(),
+            format!("invalid container id \"{long}\": longer than 255 bytes"),
+        ),
     ]
 }
