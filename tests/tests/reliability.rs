@@ -150,16 +150,26 @@ fn churn() {
         let out = rig.run(&["--rm"], &id, &["/bin/echo", &format!("cycle {i}")]);
         let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() || stdout != format!("cycle {i}\n") {
+            // containerd's log (with the shim's) from this cycle's container creation on,
+            // without the cgroup-write chatter; kept in full for a closer look.
             let log = std::fs::read_to_string(rig.ctrd.log_path()).unwrap_or_default();
-            let logged: Vec<&str> = log
+            let kept = std::env::temp_dir().join(format!(
+                "palisade-churn-{}-cycle-{i}.log",
+                std::process::id()
+            ));
+            let _ = std::fs::write(&kept, &log);
+            let first = log
                 .lines()
-                .filter(|l| {
-                    l.contains(&format!("{id}/"))
-                        || l.contains(&format!("{id}-std"))
-                        || l.contains(&format!("id={id}"))
-                })
-                .filter(|l| !l.contains("level=debug"))
+                .position(|l| l.contains(&format!("key={id}")) || l.contains(&format!("id={id}")))
+                .unwrap_or(0);
+            let mut logged: Vec<&str> = log
+                .lines()
+                .skip(first)
+                .filter(|l| !l.contains("cgroup write") && !l.contains("garbage collect"))
+                .take(80)
                 .collect();
+            let note = format!("(full containerd log kept in {})", kept.display());
+            logged.push(&note);
             failures.push(format!(
                 "cycle {i}: {} stdout {stdout:?} stderr {:?}\n    {}",
                 out.status,
