@@ -4,7 +4,9 @@
 #      CRI, KVM smoke tests on this host's /dev/kvm);
 #   2. the nested test host (QEMU TCG + kvm-amd) that boots real microVMs with palisade-vmm,
 #      including VM mode through containerd (`ctr-vm`);
-#   3. the bounded reliability suite (cargo-fuzz targets, FUZZ_SECONDS each; 15 s here).
+#   3. the bounded reliability suite (tests/reliability/run.sh --quick: native churn 100,
+#      20 concurrent pods, faults, the hostile-input table, VMM seccomp confinement, the test
+#      host's VM reliability scenarios if present, cargo-fuzz targets FUZZ_SECONDS each; 15 s here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ $(id -u) != 0 ]]; then

@@ -99,10 +99,14 @@ pub fn validate_id(id: &str) -> Result<()> {
     if id.is_empty() {
         return bad("must not be empty");
     }
-    if id.len() > 1024 {
-        return bad("longer than 1024 bytes");
+    // It is a directory name: NAME_MAX bytes at most.
+    if id.len() > 255 {
+        return bad("longer than 255 bytes");
     }
-    if id == "." || id == ".." || id.contains("..") {
+    if id == "." {
+        return bad("must not be \".\"");
+    }
+    if id.contains("..") {
         return bad("must not contain \"..\"");
     }
     if id.contains('/') {
@@ -198,6 +202,16 @@ mod tests {
             validate_id("a/b").unwrap_err().to_string(),
             "invalid container id \"a/b\": must not contain \"/\""
         );
+        assert_eq!(
+            validate_id(".").unwrap_err().to_string(),
+            "invalid container id \".\": must not be \".\""
+        );
+        // A directory name: at most NAME_MAX (255) bytes, refused by name before mkdir.
+        validate_id(&"x".repeat(255)).unwrap();
+        assert!(validate_id(&"x".repeat(256))
+            .unwrap_err()
+            .to_string()
+            .ends_with("longer than 255 bytes"));
     }
 
     #[test]

@@ -372,95 +372,57 @@ fn console_socket_receives_the_pty_master() {
     p.assert_no_leftovers(&id, &b);
 }
 
-/// (what to break, the exact error text expected)
+/// The reliability suite's hostile-input table (palisade_tests::hostile): every malformed
+/// spec and bad id is refused with its exact error and leaves nothing behind (the
+/// container's own checks plus the leak checker's host-wide diff). Prints the suite's
+/// `PALISADE-REL` line (tests/reliability/run.sh collects it).
 #[test]
 fn bad_input_is_rejected_by_name_and_leaves_nothing() {
+    use palisade_tests::{
+        hostile,
+        leaks::{describe, LeakChecker, Scope},
+    };
     let p = Palisade::new();
-    type Edit = fn(&Bundle);
-    let mut cases: Vec<(&str, Edit, String)> = vec![
-        (
-            "badjson",
-            |b| std::fs::write(b.config_path(), "{\"ociVersion\": ").unwrap(),
-            "config.json: invalid JSON: EOF while parsing a value at line 1 column 15".into(),
-        ),
-        (
-            "norootfs",
-            |b| b.edit(|c| c["root"]["path"] = "missing".into()).unwrap(),
-            "root.path: rootfs".into(),
-        ),
-        (
-            "badns",
-            |b| {
-                b.edit(|c| c["linux"]["namespaces"][2]["type"] = "foo".into())
-                    .unwrap()
-            },
-            "linux.namespaces[2].type: unknown namespace \"foo\"".into(),
-        ),
-        (
-            "badcap",
-            |b| {
-                b.edit(|c| c["process"]["capabilities"]["bounding"][1] = "CAP_FOO".into())
-                    .unwrap()
-            },
-            "process.capabilities.bounding[1]: unknown capability \"CAP_FOO\"".into(),
-        ),
-        (
-            "noexec",
-            |b| {
-                b.edit(|c| c["process"]["args"] = json!(["/bin/nope"]))
-                    .unwrap()
-            },
-            "exec \"/bin/nope\": No such file or directory".into(),
-        ),
-        (
-            "badmount",
-            |b| {
-                b.edit(|c| {
-                    c["mounts"].as_array_mut().unwrap().push(json!({
-                        "destination": "/x", "type": "bind", "source": "/nonexistent-src",
-                        "options": ["rbind"]
-                    }))
-                })
-                .unwrap()
-            },
-            "mounts[7] (/x): source /nonexistent-src: No such file or directory".into(),
-        ),
-    ];
-    cases.push((
-        "unsupported",
-        |b| {
-            b.edit(|c| c["linux"]["personality"] = json!({"domain": "LINUX32"}))
-                .unwrap()
-        },
-        "linux.personality: is not supported by palisade".into(),
-    ));
-    for (name, edit, expected) in cases {
+    let mut inputs = 0;
+    let mut leaks = 0;
+    for case in hostile::spec_cases() {
         let b = Bundle::busybox(&["true"]).unwrap();
-        edit(&b);
-        let id = id(name);
+        let mut config = b.config().unwrap();
+        match case.apply(&mut config) {
+            Some(raw) => std::fs::write(b.config_path(), raw).unwrap(),
+            None => b.write_config(&config).unwrap(),
+        }
+        let id = id(&format!("hostile-{}", case.name));
+        let checker = LeakChecker::new(Scope::with_markers([
+            p.root().display().to_string(),
+            b.path().display().to_string(),
+            id.clone(),
+        ]));
         let err = p.fails(&["create", "--bundle", b.path().to_str().unwrap(), &id]);
         assert!(
-            err.contains(&expected),
-            "{name}: expected {expected:?} in {err:?}"
+            err.contains(&case.expected),
+            "{}: expected {:?} in {err:?}",
+            case.name,
+            case.expected
         );
         p.assert_no_leftovers(&id, &b);
+        let left = checker.settle(std::time::Duration::from_secs(2));
+        assert!(
+            left.is_empty(),
+            "{}: leaked\n{}",
+            case.name,
+            describe(&left)
+        );
+        leaks += left.len();
+        inputs += 1;
     }
 
     let b = Bundle::busybox(&["sleep", "100"]).unwrap();
     let bundle = b.path().to_str().unwrap();
-    for (bad_id, expected) in [
-        (
-            "a/b",
-            "invalid container id \"a/b\": must not contain \"/\"",
-        ),
-        ("..", "invalid container id \"..\": must not contain \"..\""),
-        (
-            "x/../../etc",
-            "invalid container id \"x/../../etc\": must not contain \"..\"",
-        ),
-    ] {
-        let err = p.fails(&["create", "--bundle", bundle, bad_id]);
-        assert!(err.contains(expected), "{bad_id}: {err}");
+    for (bad_id, expected) in hostile::bad_ids() {
+        let err = p.fails(&["create", "--bundle", bundle, &bad_id]);
+        assert!(err.contains(&expected), "{bad_id}: {err}");
+        inputs += 1;
     }
     assert_eq!(std::fs::read_dir(p.root()).unwrap().count(), 0);
 
@@ -478,6 +440,8 @@ fn bad_input_is_rejected_by_name_and_leaves_nothing() {
 
     let err = p.fails(&["--systemd-cgroup", "state", "x"]);
     assert!(err.contains("--systemd-cgroup is not supported"), "{err}");
+    inputs += 2;
+    println!("PALISADE-REL hostile-cli inputs={inputs} leaks={leaks}");
 }
 
 #[test]

@@ -160,6 +160,11 @@ impl Containerd {
         Ok(containerd)
     }
 
+    /// The pid of the running daemon.
+    pub fn daemon_pid(&self) -> Option<i32> {
+        self.daemon.as_ref().map(|d| d.id() as i32)
+    }
+
     /// The temporary directory holding config, root, state, sockets and logs.
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -510,6 +515,17 @@ oom_score = 0
         pids
     }
 
+    /// The socket palisade's shim serves for pod (grouping) `id` of this containerd: the
+    /// path `containerd-shim` derives from containerd's address, namespace and id.
+    pub fn shim_socket_path(&self, id: &str) -> PathBuf {
+        let address = containerd_shim::socket_address(
+            &self.socket().display().to_string(),
+            &self.namespace,
+            id,
+        );
+        PathBuf::from(address.trim_start_matches("unix://"))
+    }
+
     /// Mount points at or below this instance's directory, deepest first.
     pub fn mounts_below_dir(&self) -> Vec<PathBuf> {
         mounts_below(self.dir())
@@ -635,7 +651,7 @@ pub fn mounts_below(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo` octal.
-fn unescape_mountinfo(field: &str) -> String {
+pub(crate) fn unescape_mountinfo(field: &str) -> String {
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

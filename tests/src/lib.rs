@@ -3,4 +3,6 @@
 
 pub mod bundle;
 pub mod containerd;
+pub mod hostile;
 pub mod image;
+pub mod leaks;

@@ -8,7 +8,8 @@
 #   tests/test-host/run.sh --list         the scenarios and their time limits
 #
 # Prints each `PALISADE-TEST <scenario>[.<check>] PASS|FAIL|SKIP <detail>` line as it arrives,
-# then a summary and the total time. Exit 0 only if every scenario passed (SKIP counts as
+# (and the reliability scenarios' `PALISADE-REL ...` lines, which tests/reliability/run.sh
+# collects), then a summary and the total time. Exit 0 only if every scenario passed (SKIP counts as
 # passing unless PALISADE_TEST_HOST_STRICT=1; only `ctr-vm` skips, while the shim has no VM
 # mode). On failure: which scenario, the last lines of its serial output and the logs of its
 # VMMs (the test host prints them), and where the full serial log is kept.
@@ -125,7 +126,7 @@ boot_host() {
     -accel tcg -cpu max -m "${PALISADE_TEST_HOST_MEM_MIB:-2048}" -smp "${PALISADE_TEST_HOST_SMP:-2}" \
     -nodefaults -no-user-config -display none -serial stdio -monitor none -no-reboot \
     -pidfile "$pidfile" -kernel "$L1_KERNEL" -initrd "$L1_INITRD" -append "$append" </dev/null 2>&1 |
-    sed -u 's/\r$//' | tee "$log" | grep --line-buffered -E '^PALISADE-(TEST|HOST|BENCH|REL) '
+    sed -u 's/\r$//' | tee "$log" | grep --line-buffered -E '^PALISADE-(TEST|HOST|BENCH|REL|REL-LEAK) '
   qemu_rc=${PIPESTATUS[0]}
   set -e
   kill "$watchdog" 2>/dev/null || true

@@ -15,6 +15,7 @@ use std::{path::PathBuf, time::Duration};
 use palisade_tests::{
     containerd::{bin_dir, mounts_below, output_within, Containerd, Options, RuntimeUnderTest},
     image::ImageConfig,
+    leaks::{describe, LeakChecker, Scope},
 };
 
 /// The `[native]` section of the shim config under test: the in-process
@@ -269,9 +270,13 @@ fn runtime_config_path_option_selects_the_config() {
 fn containerd_restart_keeps_task_managed() {
     let (mut ctrd, _config) = containerd();
     let id = "survivor";
+    let mut checker = leak_checker(&ctrd);
+    checker.scope_mut().add_shim_socket(&ctrd, id);
     common::run_detached(&ctrd, &shim(), id);
     let pid = ctrd.task_pids(id).unwrap()[0];
     ctrd.restart().unwrap();
+    // The new daemon is this test's doing, not a leak.
+    checker.scope_mut().expected_pids.extend(ctrd.daemon_pid());
     ctrd.wait_task_status(id, "RUNNING", common::TIMEOUT)
         .unwrap();
     assert_eq!(ctrd.task_pids(id).unwrap()[0], pid, "task was replaced");
@@ -289,12 +294,30 @@ fn containerd_restart_keeps_task_managed() {
     assert_eq!(out, "still-here\n");
     common::kill_and_delete(&ctrd, id);
     assert!(process_gone(pid), "task process {pid} survived");
+    assert_no_leaks("native-fault-containerd-restart", &checker);
+}
+
+/// The leak checker (palisade_tests::leaks) over this containerd and the shims' runtime
+/// root: the reliability suite runs the fault tests below and collects their lines.
+fn leak_checker(ctrd: &Containerd) -> LeakChecker {
+    LeakChecker::new(Scope::for_containerd(
+        ctrd,
+        std::path::Path::new("/run/palisade-test"),
+    ))
+}
+
+fn assert_no_leaks(part: &str, checker: &LeakChecker) {
+    let leaks = checker.settle(Duration::from_secs(15));
+    println!("PALISADE-REL {part} faults=1 leaks={}", leaks.len());
+    assert!(leaks.is_empty(), "{part} leaked:\n{}", describe(&leaks));
 }
 
 #[test]
 fn shim_killed_leaves_nothing_behind() {
     let (ctrd, _config) = containerd();
     let id = "orphan";
+    let mut checker = leak_checker(&ctrd);
+    checker.scope_mut().add_shim_socket(&ctrd, id);
     common::run_detached(&ctrd, &shim(), id);
     let pid = ctrd.task_pids(id).unwrap()[0];
     let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
@@ -371,6 +394,7 @@ fn shim_killed_leaves_nothing_behind() {
             }
         }
     }
+    assert_no_leaks("native-fault-shim-kill9", &checker);
 }
 
 /// Waits (bounded) for `pid` to be reaped or at least dead (a zombie).

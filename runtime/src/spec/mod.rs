@@ -228,6 +228,9 @@ pub fn validate(spec: &Spec) -> Result<()> {
     if spec.domainname().is_some() && !has(LinuxNamespaceType::Uts) {
         return Err(invalid("domainname", "setting it needs a uts namespace"));
     }
+    for key in linux.sysctl().iter().flat_map(|s| s.keys()) {
+        validate_sysctl(key, has)?;
+    }
     for (i, mount) in spec.mounts().iter().flatten().enumerate() {
         if !mount.destination().is_absolute() {
             return Err(invalid(
@@ -253,6 +256,56 @@ pub fn validate(spec: &Spec) -> Result<()> {
                 format!("{} is not under /dev", dev.path().display()),
             ));
         }
+    }
+    Ok(())
+}
+
+/// IPC sysctls the IPC namespace isolates (besides `fs.mqueue.*`), as runc's list.
+const IPC_SYSCTLS: &[&str] = &[
+    "kernel.msgmax",
+    "kernel.msgmnb",
+    "kernel.msgmni",
+    "kernel.sem",
+    "kernel.shmall",
+    "kernel.shmmax",
+    "kernel.shmmni",
+    "kernel.shm_rmid_forced",
+];
+
+/// A `linux.sysctl` key must name a sysctl that one of the container's own namespaces
+/// isolates: any other (e.g. `vm.swappiness`) is global, and writing it would change
+/// the host. The key must also be a plain name: it becomes a path under /proc/sys.
+fn validate_sysctl(key: &str, has: impl Fn(LinuxNamespaceType) -> bool) -> Result<()> {
+    let field = "linux.sysctl";
+    if key
+        .split(['.', '/'])
+        .any(|c| c.is_empty() || c.contains('\0'))
+    {
+        return Err(invalid(
+            field,
+            format!("{key:?} is not a sysctl name (empty or \"..\" component)"),
+        ));
+    }
+    // `net/ipv4/ip_forward` and `net.ipv4.ip_forward` name the same sysctl.
+    let dotted = key.replace('/', ".");
+    let (namespace, name) =
+        if IPC_SYSCTLS.contains(&dotted.as_str()) || dotted.starts_with("fs.mqueue.") {
+            (LinuxNamespaceType::Ipc, "an ipc")
+        } else if dotted.starts_with("net.") {
+            (LinuxNamespaceType::Network, "a network")
+        } else if dotted == "kernel.hostname" || dotted == "kernel.domainname" {
+            (LinuxNamespaceType::Uts, "a uts")
+        } else {
+            return Err(invalid(
+                field,
+                format!("{key:?} is not isolated by a namespace: setting it would change the host"),
+            ));
+        };
+    if !has(namespace) {
+        return Err(invalid(
+            field,
+            format!("{key:?} needs {name} namespace in linux.namespaces"),
+        ));
     }
     Ok(())
 }
@@ -326,6 +379,39 @@ mod tests {
     fn empty_args_are_rejected() {
         let err = with(|v| v["process"]["args"] = serde_json::json!([])).unwrap_err();
         assert_eq!(err.to_string(), "process.args: must not be empty");
+    }
+
+    #[test]
+    fn sysctls_outside_the_containers_namespaces_are_refused() {
+        let set = |key: &str| {
+            let key = key.to_string();
+            with(move |v| v["linux"]["sysctl"] = serde_json::json!({ key: "1" }))
+                .and_then(|spec| validate(&spec))
+        };
+        let err = set("vm.swappiness").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "linux.sysctl: \"vm.swappiness\" is not isolated by a namespace: setting it would change the host"
+        );
+        let err = set("net/../../kernel/x").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "linux.sysctl: \"net/../../kernel/x\" is not a sysctl name (empty or \"..\" component)"
+        );
+        assert!(set("kernel.shmmax").is_ok());
+        assert!(set("fs.mqueue.msg_max").is_ok());
+        assert!(set("kernel.hostname").is_ok());
+        let err = with(|v| {
+            v["linux"]["sysctl"] = serde_json::json!({"net.ipv4.ip_forward": "1"});
+            let ns = v["linux"]["namespaces"].as_array_mut().unwrap();
+            ns.retain(|n| n["type"] != "network");
+        })
+        .and_then(|spec| validate(&spec))
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "linux.sysctl: \"net.ipv4.ip_forward\" needs a network namespace in linux.namespaces"
+        );
     }
 
     #[test]

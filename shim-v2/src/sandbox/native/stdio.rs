@@ -290,19 +290,22 @@ where
         }
         drop(hold);
         let deadline = tokio::time::Instant::now() + READER_WAIT;
-        // Nothing left unread (the common case, and a detached task nobody reads): done.
+        // Keep the writer, and so the buffered output, until a reader has taken all of it
+        // (bounded): the exit is reported only after this, and a reader that has the FIFO
+        // open but has not read yet may drop it when it sees the exit — ctr's FIFO open
+        // is asynchronous, and `ctr run --rm` cancels a not-yet-finished open on exit
+        // (suspected cause of output lost in the reliability churn under load).
+        // Nothing left unread (the common case): done at once.
         while unread_bytes(&to) > 0 {
-            // Opening for writing without blocking fails with ENXIO while nobody reads.
-            match open_fifo_nonblocking(path.to_str().unwrap_or_default(), true) {
-                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
-                    if tokio::time::Instant::now() > deadline || *cancelled.borrow() {
-                        warn!("no reader for {} came; its output is lost", path.display());
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                _ => break,
+            if tokio::time::Instant::now() > deadline || *cancelled.borrow() {
+                warn!(
+                    "{} bytes of output to {} were not read within {READER_WAIT:?}; dropped",
+                    unread_bytes(&to),
+                    path.display()
+                );
+                break;
             }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         drop(to);
     }))
@@ -515,6 +518,43 @@ mod tests {
         );
         assert!(OutputTarget::parse("tcp://host:1").is_err());
         assert!(OutputTarget::parse("file://").is_err());
+    }
+
+    /// The copy of finished output holds on until a reader has read it, not merely until
+    /// one has the FIFO open: the exit is reported after the copy ends.
+    #[tokio::test]
+    async fn finished_output_waits_until_it_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("stdout");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let fifo = fifo.to_str().unwrap().to_string();
+        let (read_end, write_end) = pipe_pair().unwrap();
+        let from = pipe::Receiver::from_owned_fd(read_end).unwrap();
+        let (_cancel, cancelled) = watch::channel(false);
+        let copy = copy_to_fifo(from, &fifo, cancelled).unwrap();
+        // A reader that opens the FIFO but does not read yet.
+        let mut reader = open_fifo_nonblocking(&fifo, false).unwrap();
+        nix::unistd::write(&write_end, b"last words\n").unwrap();
+        drop(write_end);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!copy.is_finished(), "copy ended with its output unread");
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while got.len() < 11 && std::time::Instant::now() < deadline {
+            let mut buf = [0u8; 64];
+            match reader.read(&mut buf) {
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                Err(e) => panic!("reading the FIFO: {e}"),
+            }
+        }
+        assert_eq!(got, b"last words\n");
+        tokio::time::timeout(Duration::from_secs(1), copy)
+            .await
+            .expect("copy ends once its output is read")
+            .unwrap();
     }
 
     #[test]
