@@ -82,7 +82,12 @@ impl PodSpec<'_> {
                 namespace: "default".into(),
                 attempt: 0,
             }),
-            hostname: self.name.into(),
+            // Like the kubelet: a host-network pod shares the node's UTS namespace, so it
+            // asks for no hostname (runc and palisade refuse one without a UTS namespace).
+            hostname: match self.network {
+                PodNetwork::Cni => self.name.into(),
+                PodNetwork::Host => String::new(),
+            },
             log_directory: self.log_directory.display().to_string(),
             linux: Some(LinuxPodSandboxConfig {
                 security_context: Some(LinuxSandboxSecurityContext {
@@ -350,6 +355,11 @@ mod tests {
         let ns = ns.namespace_options.unwrap();
         assert_eq!(ns.network, NamespaceMode::Node as i32);
         assert_eq!(ns.pid, NamespaceMode::Container as i32);
+        assert_eq!(
+            pod.config().hostname,
+            "",
+            "no hostname without a UTS namespace"
+        );
         let c = pod.container("c", "img", &["/bin/true"], "c.log");
         assert_eq!(c.command, vec!["/bin/true".to_string()]);
         assert_eq!(c.log_path, "c.log");
