@@ -19,8 +19,8 @@
 # and PALISADE_TEST_HOST_MEM_MIB (default 2048) size the test host. Needs no root: QEMU TCG
 # needs no /dev/kvm.
 #
-# Time budget (2 shared cores): `all` takes ~6.5 min at load ~3 (README.md has the
-# measurements) and must stay ≤ 10 min there; hard bound: the per-scenario limits below plus
+# Time budget (2 shared cores): `all` takes an estimated 6-7 min at load ~3 (README.md has
+# the measurements) and must stay ≤ 10 min there; hard bound: the per-scenario limits below plus
 # 120 s for the test host's own boot (35 min), so a hang cannot stall CI.
 set -euo pipefail
 
