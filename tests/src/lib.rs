@@ -1,8 +1,9 @@
 //! Shared helpers for palisade integration tests: busybox bundles and OCI images built
-//! locally (there is no registry access), and a private containerd.
+//! locally (there is no registry access), a private containerd, and a CRI client.
 
 pub mod bundle;
 pub mod containerd;
+pub mod cri;
 pub mod hostile;
 pub mod image;
 pub mod leaks;

@@ -309,6 +309,68 @@ else
 fi
 # <<< shim-vm block -------------------------------------------------------------------
 
+# >>> cri-vm block (issue 7: cri-vm, palisade check, ctr-bench) -------------------------
+# The static `palisade` CLI (`palisade check`), the static CRI client of the cri-vm
+# scenario (tests/src/bin/cri-vm-check.rs), a pod "pause" image, containerd's runc shim +
+# runc with their libraries (the benchmark's reference) and the deploy/ files the
+# scenarios use as shipped.
+cri_vm_missing=
+if [[ $prebuilt != 1 ]]; then
+  log "building the static palisade CLI and cri-vm-check"
+  RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR=$target_dir \
+    cargo build --quiet --release --target x86_64-unknown-linux-gnu \
+    -p palisade-runtime -p palisade-tests --bin palisade --bin cri-vm-check >&2 ||
+    cri_vm_missing="cargo build of palisade / cri-vm-check failed (errors above)"
+fi
+for b in palisade cri-vm-check; do
+  if [[ -z $cri_vm_missing ]] && { [[ ! -x $bin_dir/$b ]] || ! is_static "$bin_dir/$b"; }; then
+    cri_vm_missing="no static $bin_dir/$b"
+  fi
+done
+if [[ -z $cri_vm_missing ]]; then
+  cp "$bin_dir/palisade" "$bin_dir/cri-vm-check" "$root/palisade/bin/"
+  mkdir -p "$root/palisade/deploy"
+  cp "$repo/deploy/containerd/config-1.6.toml" "$repo/deploy/configuration-vm.toml" "$root/palisade/deploy/"
+  pause_key=$( (sha256sum "$busybox"; umoci --version; echo pause-v1) | sha256sum | cut -c1-16)
+  pause_tar="$cache/pause-oci-$pause_key.tar"
+  if [[ ! -s $pause_tar ]]; then
+    log "building the pause OCI image (umoci)"
+    img_dir=$(mktemp -d)
+    mkdir -p "$img_dir"/rootfs/{bin,proc,sys,dev,etc,tmp}
+    cp "$busybox" "$img_dir/rootfs/bin/busybox"
+    for applet in sh sleep; do ln -s busybox "$img_dir/rootfs/bin/$applet"; done
+    umoci init --layout "$img_dir/layout" >&2
+    umoci new --image "$img_dir/layout:latest" >&2
+    umoci insert --image "$img_dir/layout:latest" "$img_dir/rootfs" / >&2
+    # Sleeps until stopped; a shell as PID 1 ignores signals it has no trap for.
+    umoci config --image "$img_dir/layout:latest" --config.cmd=/bin/sh --config.cmd=-c \
+      --config.cmd="trap 'exit 0' TERM INT; while :; do sleep 1; done" \
+      --config.env=PATH=/bin --config.workingdir=/ >&2
+    umoci gc --layout "$img_dir/layout" >&2
+    tar -C "$img_dir/layout" -cf "$pause_tar.tmp" .
+    mv "$pause_tar.tmp" "$pause_tar"
+    rm -rf "$img_dir"
+  fi
+  mkdir -p "$root/palisade/images"
+  cp "$pause_tar" "$root/palisade/images/pause.tar"
+  component cri-vm ok "palisade $(stat -c %s "$bin_dir/palisade") bytes, cri-vm-check $(stat -c %s "$bin_dir/cri-vm-check") bytes"
+else
+  component cri-vm missing "$cri_vm_missing"
+fi
+runc_missing=
+for tool in runc containerd-shim-runc-v2; do
+  command -v $tool >/dev/null || runc_missing="${runc_missing:+$runc_missing; }$tool not installed"
+done
+if [[ -z $runc_missing ]]; then
+  copy_with_libs "$(command -v containerd-shim-runc-v2)" "$root/usr/bin/containerd-shim-runc-v2"
+  mkdir -p "$root/usr/sbin"
+  copy_with_libs "$(command -v runc)" "$root/usr/sbin/runc"
+  component runc-shim ok "$(runc --version | head -1)"
+else
+  component runc-shim missing "$runc_missing"
+fi
+# <<< cri-vm block --------------------------------------------------------------------
+
 cp "$components" "$root/palisade/components"
 
 # --- 5. Pack ----------------------------------------------------------------------------

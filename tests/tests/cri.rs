@@ -11,35 +11,15 @@ mod common;
 use std::{path::PathBuf, time::Duration};
 
 use k8s_cri::v1::{
-    image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient,
-    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
-    CreateContainerRequest, ExecSyncRequest, ImageSpec, ImageStatusRequest,
-    LinuxContainerResources, PodSandboxConfig, PodSandboxMetadata, RemoveContainerRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
-    StopPodSandboxRequest, UpdateContainerResourcesRequest, VersionRequest,
+    ContainerState, LinuxContainerResources, UpdateContainerResourcesRequest, VersionRequest,
 };
 use palisade_tests::{
     containerd::{Containerd, CriConfig, Options, PALISADE_NATIVE_HANDLER},
+    cri::{wait_for_log_line, CriClient, PodNetwork, PodSpec},
     image::ImageConfig,
 };
-use tonic::transport::{Channel, Endpoint, Uri};
 
 const PAUSE_IMAGE: &str = "docker.io/palisade/pause:latest";
-
-async fn connect(socket: PathBuf) -> Channel {
-    // The URI is required by tonic but unused: the connector dials the unix socket.
-    Endpoint::try_from("http://[::]:50051")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(socket).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }
-        }))
-        .await
-        .expect("connect to containerd's CRI socket")
-}
 
 /// The `[native]` section of the shim config under test: the in-process
 /// `palisade-runtime` library by default, or with `$PALISADE_TEST_RUNTIME_BINARY` set
@@ -77,82 +57,51 @@ async fn pod_lifecycle_through_cri() {
     ctrd.import_busybox_for_cri(common::IMAGE, &ImageConfig::default())
         .unwrap();
 
-    let channel = connect(ctrd.socket()).await;
-    let mut rt = RuntimeServiceClient::new(channel.clone());
-    let mut images = ImageServiceClient::new(channel);
+    let mut cri = CriClient::connect(&ctrd.socket())
+        .await
+        .expect("connect to containerd's CRI socket");
 
-    let version = rt
+    let version = cri
+        .runtime
         .version(VersionRequest::default())
         .await
         .expect("CRI Version")
         .into_inner();
     assert_eq!(version.runtime_name, "containerd");
-    let status = images
-        .image_status(ImageStatusRequest {
-            image: Some(ImageSpec {
-                image: common::IMAGE.into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(status.image.is_some(), "busybox image not visible to CRI");
+    assert!(
+        cri.has_image(common::IMAGE).await.unwrap(),
+        "busybox image not visible to CRI"
+    );
 
     let logs = tempfile::tempdir().unwrap();
-    let pod_config = PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: "palisade-pod".into(),
-            uid: "0b5f0c8e-palisade-pod".into(),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        hostname: "palisade-pod".into(),
-        log_directory: logs.path().display().to_string(),
-        ..Default::default()
+    let pod_spec = PodSpec {
+        name: "palisade-pod",
+        uid: "0b5f0c8e-palisade-pod",
+        log_directory: logs.path(),
+        network: PodNetwork::Cni,
     };
-    let pod = rt
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(pod_config.clone()),
-            runtime_handler: PALISADE_NATIVE_HANDLER.into(),
-        })
+    let pod = cri
+        .run_pod(&pod_spec, PALISADE_NATIVE_HANDLER)
         .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctrd.log_tail(40)))
-        .into_inner()
-        .pod_sandbox_id;
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", ctrd.log_tail(40)));
 
-    let container = rt
-        .create_container(CreateContainerRequest {
-            pod_sandbox_id: pod.clone(),
-            config: Some(ContainerConfig {
-                metadata: Some(ContainerMetadata {
-                    name: "app".into(),
-                    attempt: 0,
-                }),
-                image: Some(ImageSpec {
-                    image: common::IMAGE.into(),
-                    ..Default::default()
-                }),
-                command: vec!["/bin/sh".into()],
-                args: vec![
-                    "-c".into(),
-                    "echo hello-cri; trap 'exit 0' TERM; while :; do sleep 1; done".into(),
+    let container = cri
+        .start_container(
+            &pod,
+            &pod_spec,
+            pod_spec.container(
+                "app",
+                common::IMAGE,
+                &[
+                    "/bin/sh",
+                    "-c",
+                    "echo hello-cri; trap 'exit 0' TERM; while :; do sleep 1; done",
                 ],
-                log_path: "app.log".into(),
-                ..Default::default()
-            }),
-            sandbox_config: Some(pod_config.clone()),
-        })
+                "app.log",
+            ),
+        )
         .await
-        .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", ctrd.log_tail(40)))
-        .into_inner()
-        .container_id;
-    rt.start_container(StartContainerRequest {
-        container_id: container.clone(),
-    })
-    .await
-    .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", ctrd.log_tail(40)));
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", ctrd.log_tail(40)));
 
     // Both the pod's sandbox and its container are served by one palisade shim.
     let shims: Vec<i32> = ctrd
@@ -170,132 +119,80 @@ async fn pod_lifecycle_through_cri() {
         "expected one palisade shim for the pod: {shims:?}"
     );
 
-    let status = rt
-        .container_status(ContainerStatusRequest {
-            container_id: container.clone(),
-            verbose: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .expect("container status");
-    assert_eq!(status.state(), ContainerState::ContainerRunning);
+    let (state, _) = cri.container_state(&container).await.unwrap();
+    assert_eq!(state, ContainerState::ContainerRunning);
 
-    let exec = rt
-        .exec_sync(ExecSyncRequest {
-            container_id: container.clone(),
-            cmd: vec![
-                "/bin/sh".into(),
-                "-c".into(),
-                "echo exec-ok; hostname".into(),
-            ],
-            timeout: 10,
-        })
+    let exec = cri
+        .exec_sync(
+            &container,
+            &["/bin/sh", "-c", "echo exec-ok; hostname"],
+            Duration::from_secs(10),
+        )
         .await
-        .unwrap_or_else(|e| panic!("ExecSync: {e}\n{}", ctrd.log_tail(40)))
-        .into_inner();
-    assert_eq!(
-        exec.exit_code,
-        0,
-        "{}",
-        String::from_utf8_lossy(&exec.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&exec.stdout),
-        "exec-ok\npalisade-pod\n"
-    );
-    let failing = rt
-        .exec_sync(ExecSyncRequest {
-            container_id: container.clone(),
-            cmd: vec!["/bin/sh".into(), "-c".into(), "exit 4".into()],
-            timeout: 10,
-        })
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", ctrd.log_tail(40)));
+    assert_eq!(exec.exit_code, 0, "{}", exec.stderr);
+    assert_eq!(exec.stdout, "exec-ok\npalisade-pod\n");
+    let failing = cri
+        .exec_sync(
+            &container,
+            &["/bin/sh", "-c", "exit 4"],
+            Duration::from_secs(10),
+        )
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(failing.exit_code, 4);
 
     // UpdateContainerResources reaches the shim's Update: the limit lands in the cgroup.
-    rt.update_container_resources(UpdateContainerResourcesRequest {
-        container_id: container.clone(),
-        linux: Some(LinuxContainerResources {
-            memory_limit_in_bytes: 96 * 1024 * 1024,
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("UpdateContainerResources: {e}\n{}", ctrd.log_tail(40)));
-    let limit = rt
-        .exec_sync(ExecSyncRequest {
+    cri.runtime
+        .update_container_resources(UpdateContainerResourcesRequest {
             container_id: container.clone(),
-            cmd: vec![
-                "/bin/sh".into(),
-                "-c".into(),
-                "cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max".into(),
-            ],
-            timeout: 10,
+            linux: Some(LinuxContainerResources {
+                memory_limit_in_bytes: 96 * 1024 * 1024,
+                ..Default::default()
+            }),
+            ..Default::default()
         })
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap_or_else(|e| panic!("UpdateContainerResources: {e}\n{}", ctrd.log_tail(40)));
+    let limit = cri
+        .exec_sync(
+            &container,
+            &[
+                "/bin/sh",
+                "-c",
+                "cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max",
+            ],
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
     assert_eq!(
-        String::from_utf8_lossy(&limit.stdout).trim(),
+        limit.stdout.trim(),
         (96 * 1024 * 1024).to_string(),
         "{}",
-        String::from_utf8_lossy(&limit.stderr)
+        limit.stderr
     );
 
     // Container logs, in the CRI log format the kubelet reads.
-    let log_file = logs.path().join("app.log");
-    let deadline = std::time::Instant::now() + common::TIMEOUT;
-    let log = loop {
-        let text = std::fs::read_to_string(&log_file).unwrap_or_default();
-        if text.contains("hello-cri") || std::time::Instant::now() > deadline {
-            break text;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert!(
-        log.lines().any(|l| l.contains(" stdout F hello-cri")),
-        "CRI log {}: {log:?}",
-        log_file.display()
-    );
+    wait_for_log_line(
+        &logs.path().join("app.log"),
+        "stdout",
+        "hello-cri",
+        common::TIMEOUT,
+    )
+    .await
+    .unwrap();
 
-    rt.stop_container(StopContainerRequest {
-        container_id: container.clone(),
-        timeout: 5,
-    })
-    .await
-    .unwrap();
-    let status = rt
-        .container_status(ContainerStatusRequest {
-            container_id: container.clone(),
-            verbose: false,
-        })
+    cri.stop_container(&container, Duration::from_secs(5))
         .await
-        .unwrap()
-        .into_inner()
-        .status
         .unwrap();
-    assert_eq!(status.state(), ContainerState::ContainerExited);
-    assert_eq!(status.exit_code, 0, "the TERM trap exits 0");
-    rt.remove_container(RemoveContainerRequest {
-        container_id: container,
-    })
-    .await
-    .unwrap();
-    rt.stop_pod_sandbox(StopPodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
-    })
-    .await
-    .unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", ctrd.log_tail(40)));
-    rt.remove_pod_sandbox(RemovePodSandboxRequest {
-        pod_sandbox_id: pod,
-    })
-    .await
-    .unwrap();
+    let (state, exit_code) = cri.container_state(&container).await.unwrap();
+    assert_eq!(state, ContainerState::ContainerExited);
+    assert_eq!(exit_code, 0, "the TERM trap exits 0");
+    cri.remove_container(&container).await.unwrap();
+    cri.stop_and_remove_pod(&pod)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", ctrd.log_tail(40)));
 
     // The pod's shim exits with its last container.
     let deadline = std::time::Instant::now() + common::TIMEOUT;

@@ -15,6 +15,12 @@
 //!   response's top-level fields are printed one per line (`f1=...`), so the scenarios can
 //!   drive the agent's protocol (agent/protocol/protos/agent.proto) without a Rust client.
 //!
+//! * `pty-run`: run a command on a new pseudo-terminal of its own (its controlling tty), so
+//!   programs that put their terminal in raw mode (`ctr ... -t`) never touch the test
+//!   host's serial console; the helper relays the terminal's output to its stdout, its own
+//!   stdin (a pipe) to the terminal, and can answer markers in the output by typing text or
+//!   resizing the terminal (SIGWINCH to the command). Busybox has no `script`.
+//!
 //! Output is one `key=value` per line so shell scripts can pick values with sed.
 
 use std::fs::OpenOptions;
@@ -30,7 +36,11 @@ const USAGE: &str = "usage:
   th-helper wait-log FILE MARKER TIMEOUT_SECS
   th-helper hvsock SOCKET PORT [--hold SECS]
   th-helper ttrpc [--save FIELD FILE] [--timeout SECS] SOCKET PORT|- SERVICE METHOD [FIELD...]
-    FIELD of the request message: N=TEXT | N@=FILE (bytes) | N:=INTEGER | N{ FIELD... }";
+    FIELD of the request message: N=TEXT | N@=FILE (bytes) | N:=INTEGER | N{ FIELD... }
+  th-helper pty-run [--size ROWSxCOLS] [--timeout SECS]
+                    [--on MARKER (send=TEXT | resize=ROWSxCOLS)]... -- CMD [ARG...]
+    (--on steps run in order, each once its MARKER appeared after the previous step's;
+     TEXT may contain \\n; exit status = CMD's, 124 on timeout)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -39,6 +49,7 @@ fn main() -> ExitCode {
         Some("wait-log") => wait_log(&args[1..]),
         Some("hvsock") => hvsock_cmd(&args[1..]),
         Some("ttrpc") => ttrpc_cmd(&args[1..]),
+        Some("pty-run") => pty_run(&args[1..]),
         _ => Err(USAGE.to_string()),
     };
     match result {
@@ -626,4 +637,228 @@ fn ttrpc_cmd(args: &[String]) -> Result<ExitCode, String> {
     } else {
         ExitCode::from(4)
     })
+}
+
+// --- pty-run ----------------------------------------------------------------------------
+
+mod pty {
+    //! The few libc calls a pseudo-terminal needs (std has none; no crates here).
+    use std::fs::File;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::raw::{c_char, c_int, c_ulong};
+    use std::os::unix::fs::OpenOptionsExt;
+
+    const O_RDWR: c_int = 0o2;
+    const O_NOCTTY: c_int = 0o400;
+    const O_CLOEXEC: c_int = 0o2000000;
+    const TIOCSWINSZ: c_ulong = 0x5414;
+    const TIOCSCTTY: c_ulong = 0x540E;
+
+    #[repr(C)]
+    struct Winsize {
+        rows: u16,
+        cols: u16,
+        xpixel: u16,
+        ypixel: u16,
+    }
+
+    extern "C" {
+        fn posix_openpt(flags: c_int) -> c_int;
+        fn grantpt(fd: c_int) -> c_int;
+        fn unlockpt(fd: c_int) -> c_int;
+        fn ptsname_r(fd: c_int, buf: *mut c_char, len: usize) -> c_int;
+        fn ioctl(fd: c_int, request: c_ulong, ...) -> c_int;
+        fn setsid() -> c_int;
+    }
+
+    fn os_error(what: &str) -> String {
+        format!("{what}: {}", std::io::Error::last_os_error())
+    }
+
+    /// A new pty pair: (master, slave).
+    pub fn open() -> Result<(File, File), String> {
+        // SAFETY: posix_openpt takes flags and returns a new fd or -1; nothing else is touched.
+        let fd = unsafe { posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC) };
+        if fd < 0 {
+            return Err(os_error("posix_openpt"));
+        }
+        // SAFETY: fd was just returned by posix_openpt and is owned by nobody else.
+        let master = unsafe { File::from_raw_fd(fd) };
+        let mut name = [0 as c_char; 128];
+        // SAFETY: grantpt/unlockpt take the master fd; ptsname_r writes at most name.len()
+        // bytes (NUL-terminated) into the buffer it is given.
+        let failed = unsafe {
+            grantpt(fd) != 0 || unlockpt(fd) != 0 || ptsname_r(fd, name.as_mut_ptr(), name.len()) != 0
+        };
+        if failed {
+            return Err(os_error("grantpt/unlockpt/ptsname_r"));
+        }
+        // SAFETY: ptsname_r succeeded, so name holds a NUL-terminated string.
+        let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        let slave = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(O_NOCTTY)
+            .open(&path)
+            .map_err(|e| format!("open {path}: {e}"))?;
+        Ok((master, slave))
+    }
+
+    /// Sets the terminal's size; the kernel signals SIGWINCH to its foreground group.
+    pub fn set_size(master: &File, rows: u16, cols: u16) -> Result<(), String> {
+        let size = Winsize {
+            rows,
+            cols,
+            xpixel: 0,
+            ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads one struct winsize from the pointer, valid for the call.
+        if unsafe { ioctl(master.as_raw_fd(), TIOCSWINSZ, &size as *const Winsize) } != 0 {
+            return Err(os_error("TIOCSWINSZ"));
+        }
+        Ok(())
+    }
+
+    /// In the child before exec: a new session whose controlling terminal is stdin (the
+    /// slave).
+    pub fn make_controlling_tty() -> std::io::Result<()> {
+        // SAFETY: setsid and ioctl(TIOCSCTTY) take integers only and are async-signal-safe
+        // (this runs between fork and exec).
+        unsafe {
+            if setsid() < 0 || ioctl(0, TIOCSCTTY, 0 as c_int) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+}
+
+enum PtyAction {
+    Send(Vec<u8>),
+    Resize(u16, u16),
+}
+
+fn parse_size(s: &str) -> Result<(u16, u16), String> {
+    s.split_once('x')
+        .and_then(|(r, c)| Some((r.parse().ok()?, c.parse().ok()?)))
+        .ok_or_else(|| format!("not a ROWSxCOLS size: {s:?}"))
+}
+
+fn pty_run(args: &[String]) -> Result<ExitCode, String> {
+    use std::os::unix::process::CommandExt;
+
+    let mut size = (24, 80);
+    let mut timeout = Duration::from_secs(60);
+    let mut steps: Vec<(Vec<u8>, PtyAction)> = Vec::new();
+    let mut rest = args;
+    let cmd = loop {
+        match rest {
+            [flag, v, tail @ ..] if flag == "--size" => (size, rest) = (parse_size(v)?, tail),
+            [flag, v, tail @ ..] if flag == "--timeout" => (timeout, rest) = (parse_secs(v)?, tail),
+            [flag, marker, action, tail @ ..] if flag == "--on" => {
+                let action = if let Some(text) = action.strip_prefix("send=") {
+                    PtyAction::Send(text.replace("\\n", "\n").into_bytes())
+                } else if let Some(s) = action.strip_prefix("resize=") {
+                    let (r, c) = parse_size(s)?;
+                    PtyAction::Resize(r, c)
+                } else {
+                    return Err(format!("--on action must be send=TEXT or resize=RxC: {action:?}"));
+                };
+                steps.push((marker.as_bytes().to_vec(), action));
+                rest = tail;
+            }
+            [dashes, cmd @ ..] if dashes == "--" && !cmd.is_empty() => break cmd,
+            _ => return Err(USAGE.to_string()),
+        }
+    };
+
+    let (master, slave) = pty::open()?;
+    pty::set_size(&master, size.0, size.1)?;
+    let mut command = Command::new(&cmd[0]);
+    command
+        .args(&cmd[1..])
+        .stdin(slave.try_clone().map_err(|e| e.to_string())?)
+        .stdout(slave.try_clone().map_err(|e| e.to_string())?)
+        .stderr(slave);
+    // SAFETY: make_controlling_tty only calls async-signal-safe functions.
+    unsafe {
+        command.pre_exec(pty::make_controlling_tty);
+    }
+    let mut child = command.spawn().map_err(|e| format!("spawn {}: {e}", cmd[0]))?;
+    // The child holds the slave now; once it (and its children) close it, reads of the
+    // master end with EIO.
+    drop(command);
+
+    // Our stdin (a pipe, never the console) goes to the terminal as it arrives.
+    let mut to_tty = master.try_clone().map_err(|e| e.to_string())?;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        let mut stdin = std::io::stdin();
+        while let Ok(n) = stdin.read(&mut buf) {
+            if n == 0 || to_tty.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    let mut from_tty = master.try_clone().map_err(|e| e.to_string())?;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = from_tty.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+
+    let deadline = Instant::now() + timeout;
+    let mut seen: Vec<u8> = Vec::new();
+    let mut next_step = steps.into_iter().peekable();
+    let mut stdout = std::io::stdout();
+    let status = loop {
+        match rx.recv_timeout(Duration::from_millis(20)) {
+            Ok(data) => {
+                let _ = stdout.write_all(&data);
+                let _ = stdout.flush();
+                seen.extend_from_slice(&data);
+                while let Some((marker, _)) = next_step.peek() {
+                    let Some(at) = seen.windows(marker.len()).position(|w| w == &marker[..]) else {
+                        break;
+                    };
+                    seen.drain(..at + marker.len());
+                    let Some((_, action)) = next_step.next() else {
+                        break;
+                    };
+                    let mut master = &master;
+                    match action {
+                        PtyAction::Send(text) => master.write_all(&text).map_err(|e| e.to_string())?,
+                        PtyAction::Resize(r, c) => pty::set_size(master, r, c)?,
+                    }
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {}
+        }
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            kill_and_reap(&mut child);
+            eprintln!("th-helper: pty-run: {} did not finish within {timeout:?}", cmd[0]);
+            return Ok(ExitCode::from(124));
+        }
+    };
+    // Output written just before the exit is still in the pty: take what arrives promptly.
+    while let Ok(data) = rx.recv_timeout(Duration::from_millis(200)) {
+        let _ = stdout.write_all(&data);
+    }
+    let _ = stdout.flush();
+    use std::os::unix::process::ExitStatusExt;
+    let code = status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1);
+    Ok(ExitCode::from(code as u8))
 }

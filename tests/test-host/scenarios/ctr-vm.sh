@@ -5,6 +5,11 @@
 #   uname   `uname -r` inside = the guest kernel's release, not the test host's
 #   exit    `sh -c 'exit 3'` -> ctr exits 3
 #   exec    `ctr task exec` in a running VM container prints; the exec's exit code comes back
+#   tty     `ctr task exec -t`: the guest process runs on a pty (`tty` = /dev/pts/N) whose
+#           size is ctr's terminal's (ResizePty at start, and again after a resize: the
+#           guest shell gets SIGWINCH), typed input reaches it, its exit code comes back.
+#           ctr runs on a pty of its own (th-helper pty-run, stdin an empty pipe): in raw
+#           mode on the test host's serial console it once stalled the whole test host.
 #   pause   `ctr task pause` / `resume`
 #   kill    `ctr task kill -s KILL` ends a foreground `ctr run`, which reports 137 (wait)
 #   delete  deleting the task removes the VM: no palisade-vmm process, no VM state dir
@@ -115,6 +120,21 @@ if out=$(ctr run -d --runtime "$RUNTIME" --runtime-config-path "$cfg" "$IMAGE" v
     pass exec "ctr task exec: output from the guest (boot id ${boot_id%%-*}... differs from the host's), exit 5 propagated"
   else
     fail exec "rc1=$rc1 boot_id='$boot_id' rc2=$rc2 out: $(head -c 300 "$WORK/exec.out" | tr '\n' '|')"
+  fi
+  tty_script='tty; n=0
+while [ "$(stty size)" != "37 101" ] && [ $n -lt 100 ]; do usleep 100000; n=$((n + 1)); done
+stty size; echo tty-ready; read -r line; echo "got:$line"
+trap "stty size; exit 7" WINCH; echo wait-winch; while :; do sleep 1; done'
+  : | th-helper pty-run --size 37x101 --timeout 120 --on tty-ready 'send=hello-tty\n' \
+    --on wait-winch resize=50x132 -- ctr --address "$d/containerd.sock" --namespace palisade \
+    task exec -t --exec-id t1 vm-long sh -c "$tty_script" >"$WORK/tty.out" 2>&1
+  rc=$?
+  tty_out=$(tr -d '\r' <"$WORK/tty.out")
+  if [ $rc = 7 ] && echo "$tty_out" | grep -q '^/dev/pts/[0-9]' && echo "$tty_out" | grep -qx '37 101' &&
+    echo "$tty_out" | grep -qx 'got:hello-tty' && echo "$tty_out" | grep -qx '50 132'; then
+    pass tty "ctr task exec -t: guest $(echo "$tty_out" | head -1), size 37x101 then 50x132 after a resize, input 'hello-tty' read, exit 7"
+  else
+    fail tty "rc=$rc (want 7) output: $(echo "$tty_out" | head -c 400 | tr '\n' '|')"
   fi
   ctr task pause vm-long >/dev/null 2>&1 && status=$(ctr task ls | awk '$1 == "vm-long" {print $3}')
   ctr task resume vm-long >/dev/null 2>&1

@@ -1,0 +1,132 @@
+# cri-vm: the Kubernetes path in VM mode (issue 7, must-show 2 and 3). containerd with its
+# CRI plugin and the shipped runtime-handler snippet (deploy/containerd/config-1.6.toml:
+# handler `palisade` -> io.containerd.palisade.v2 with ConfigPath
+# /etc/palisade/configuration-vm.toml, written from deploy/configuration-vm.toml with this
+# test host's paths). A CRI client (cri-vm-check, tests/src/bin/cri-vm-check.rs) plays the
+# kubelet for one host-network pod (no CNI in the test host). Checks:
+#   check       `palisade check` with that config: exit 0, hardware KVM (kvm-amd), the
+#               configured guest kernel, "VM mode: ready"
+#   pod         RunPodSandbox starts exactly one palisade-vmm and one shim
+#   containers  two containers start in the pod, still in that one VM
+#   boot-id     both see the same guest boot id (not the test host's) and the guest kernel
+#   exec        ExecSync: stdout, stderr, exit code 3
+#   log         the container's stdout/stderr lines are in its CRI log file
+#   stop        StopContainer: SIGTERM reaches the guest process (its trap exits 0)
+#   cleanup     StopPodSandbox + RemovePodSandbox: no VMM, no shim, no new socket or mount,
+#               no VM state dir, no bundle
+. /palisade/scenarios/lib.sh
+require palisade-vmm guest-kernel guest-initramfs shim-vm cri-vm
+
+IMAGE=docker.io/palisade/busybox:latest
+PAUSE_IMAGE=docker.io/palisade/pause:latest
+VM_CONFIG=/etc/palisade/configuration-vm.toml
+d=$WORK/containerd
+mkdir -p "$d" "$WORK/pod-logs" /etc/palisade
+
+# The shipped VM config with the test host's VMM, kernel and initramfs, a boot timeout
+# for nested TCG and the spare drives two app containers need.
+sed -e "s|^vmm = .*|vmm = \"/palisade/bin/palisade-vmm\"|" \
+  -e "s|^kernel = .*|kernel = \"$GUEST_DIR/vmlinux\"|" \
+  -e "s|^initramfs = .*|initramfs = \"$GUEST_DIR/initramfs.cpio.gz\"|" \
+  -e "s|^memory_mib = .*|memory_mib = $GUEST_MEM_MIB|" \
+  -e "s|^boot_timeout_secs = .*|boot_timeout_secs = 120|" \
+  -e "s|^spare_disks = .*|spare_disks = 2|" \
+  /palisade/deploy/configuration-vm.toml >"$VM_CONFIG"
+if ! grep -q "^kernel = \"$GUEST_DIR/vmlinux\"" "$VM_CONFIG" || ! grep -q '^default_mode = "vm"' "$VM_CONFIG"; then
+  fail cri-vm "deploy/configuration-vm.toml changed shape; cannot point it at the test host: $(grep -E '^(default_mode|vmm|kernel|initramfs) ' "$VM_CONFIG" | tr '\n' ' ')"
+  finish
+fi
+
+# check: palisade check with the config the handler uses.
+out=$(palisade check --config "$VM_CONFIG" 2>&1)
+rc=$?
+echo "$out" >"$WORK/check.log"
+if [ $rc = 0 ] && echo "$out" | grep -q '^ok    kvm            hardware (AMD-V)' &&
+  echo "$out" | grep -q "^ok    guest-kernel   $GUEST_DIR/vmlinux" &&
+  echo "$out" | grep -q '^VM mode: ready'; then
+  pass check "palisade check: exit 0, $(echo "$out" | grep '^ok    kvm' | sed 's/  */ /g'), guest kernel $GUEST_DIR/vmlinux, VM mode: ready"
+else
+  fail check "palisade check exit $rc: $(echo "$out" | tr '\n' '|' | head -c 600)"
+fi
+
+# CRI's stream server listens on 127.0.0.1; every pod gets copies of the node's
+# /etc/hosts and /etc/resolv.conf (RunPodSandbox fails without them).
+ip link set lo up
+[ -f /etc/hosts ] || echo "127.0.0.1 localhost" >/etc/hosts
+[ -f /etc/resolv.conf ] || : >/etc/resolv.conf
+cat >"$d/config.toml" <<TOML
+version = 2
+root = "$d/root"
+state = "$d/state"
+disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs", "io.containerd.tracing.processor.v1.otlp"]
+[grpc]
+  address = "$d/containerd.sock"
+[ttrpc]
+  address = "$d/containerd.sock.ttrpc"
+[debug]
+  level = "debug"
+[metrics]
+  address = ""
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "$PAUSE_IMAGE"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  enable_selinux = false
+  disable_apparmor = true
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "$WORK/no-cni"
+    conf_dir = "$WORK/no-cni"
+TOML
+# The shipped handler snippet, as an operator merges it (its `version` line is ours).
+grep -v '^version' /palisade/deploy/config-1.6.toml >>"$d/config.toml"
+
+containerd --config "$d/config.toml" >"$WORK/containerd.log" 2>&1 &
+CONTAINERD_PID=$!
+stop_containerd() {
+  kill "$CONTAINERD_PID" 2>/dev/null
+  wait "$CONTAINERD_PID" 2>/dev/null
+}
+n=0
+while [ ! -S "$d/containerd.sock" ] && [ $n -lt 300 ]; do usleep 100000; n=$((n + 1)); done
+if [ ! -S "$d/containerd.sock" ]; then
+  fail cri-vm "containerd did not start: $(tail -3 "$WORK/containerd.log" | tr '\n' ' ')"
+  stop_containerd
+  finish
+fi
+for img in busybox pause; do
+  if ! out=$(ctr --address "$d/containerd.sock" --namespace k8s.io image import \
+    --base-name "docker.io/palisade/$img" "/palisade/images/$img.tar" 2>&1 </dev/null); then
+    fail cri-vm "ctr image import $img into k8s.io failed: $out"
+    stop_containerd
+    finish
+  fi
+done
+
+guest_release=$(strings "$GUEST_DIR/vmlinux" | sed -n 's/^Linux version \([0-9][^ ]*\) .*/\1/p' | head -1)
+cri-vm-check --socket "$d/containerd.sock" --handler palisade --image "$IMAGE" \
+  --containerd-state "$d/state" --log-dir "$WORK/pod-logs" --guest-release "$guest_release" \
+  --step-timeout 120 </dev/null >"$WORK/cri.out" 2>"$WORK/cri-stderr.log"
+rc=$?
+while read -r status check detail; do
+  case $status in
+    PASS) pass "$check" "$detail" ;;
+    FAIL) fail "$check" "$detail" ;;
+  esac
+done <"$WORK/cri.out"
+[ $rc = 0 ] || [ "${FAILED:-0}" = 1 ] || fail cri-vm "cri-vm-check exited $rc: $(tail -3 "$WORK/cri-stderr.log" | tr '\n' ' ')"
+
+stop_containerd
+# For a failure report: the shim's lines (containerd's log at debug level) and the pod's
+# VM console if a bundle is still there.
+grep -E 'palisade|shim|level=error' "$WORK/containerd.log" | tail -80 >"$WORK/shim.log" 2>/dev/null
+for f in "$d"/state/io.containerd.runtime.v2.task/k8s.io/*/vm-console.log; do
+  [ -f "$f" ] && cp "$f" "$WORK/vm-console-$(basename "$(dirname "$f")" | cut -c1-12).log"
+done
+[ "${FAILED:-0}" = 0 ] && pass cri-vm "all checks passed"
+finish
