@@ -308,11 +308,19 @@ impl VmSandbox {
         // collecting the child's exec failure before `spawn` does.
         {
             use std::os::unix::process::CommandExt;
-            // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and takes integers.
+            let shim_pid = nix::unistd::getpid().as_raw();
+            // SAFETY: prctl(PR_SET_PDEATHSIG) and getppid are async-signal-safe and take
+            // or return integers.
             unsafe {
-                cmd.pre_exec(|| {
+                cmd.pre_exec(move || {
                     if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                         return Err(std::io::Error::last_os_error());
+                    }
+                    // A shim killed between fork and prctl sends no death signal: the
+                    // child has been reparented already and must not start a VM (a raw
+                    // errno: no allocation after fork).
+                    if libc::getppid() != shim_pid {
+                        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                     }
                     Ok(())
                 });
