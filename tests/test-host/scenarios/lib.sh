@@ -146,6 +146,11 @@ knob() {
   echo "${v:-$2}"
 }
 
+# progress MESSAGE: a timestamped line straight to the serial console while the scenario
+# runs (its own output is only shown when it ends): shows where a long or wedged scenario
+# is, and keeps run.sh's silence watchdog from taking a long churn run for a wedged host.
+progress() { echo "PALISADE-PROGRESS $SCENARIO $(cut -d' ' -f1 /proc/uptime)s $*" >/dev/console 2>/dev/null; }
+
 # rel PART KEY=N...: one line for tests/reliability/run.sh's summary table
 # (PALISADE-REL <part> cycles=<n> faults=<n> inputs=<n> leaks=<n>, any subset of keys).
 rel() { echo "PALISADE-REL $*"; }
@@ -228,6 +233,9 @@ vmm_count() { ps -o comm | grep -cx palisade-vmm; }
 vmm_pids() { ps -o pid,comm | awk '$2 == "palisade-vmm" {print $1}'; }
 
 # --- leak snapshots ------------------------------------------------------------------------
+# Take the baseline after one warm-up container (and stack_settle): containerd and the shim
+# create their runtime dirs (/run/containerd/{fifo,s}, /run/palisade/vm, the namespace's
+# task dirs) on first use and keep them; a leak is what each further run leaves.
 # leak_snapshot FILE: one sorted line per resource a VM-mode container creates in the test
 # host and must remove again: processes of the stack (VMMs, shims, ctr, mkfs), mounts,
 # cgroups, bound unix sockets, network devices, and every file/fifo/socket/dir under the
@@ -251,6 +259,16 @@ leak_snapshot() {
         -e '/io.containerd.metadata.v1.bolt' | sed 's/^/file /'
     fi
   } | LC_ALL=C sort >"$1"
+}
+
+# stack_settle TIMEOUT_S: waits until no palisade-vmm or shim process runs (teardown after
+# `ctr run --rm` returns is asynchronous) before a baseline snapshot is taken.
+stack_settle() {
+  deadline=$(($(now_ms) + $1 * 1000))
+  while ps -o comm | grep -q -E '^(palisade-vmm|containerd-shim)'; do
+    [ "$(now_ms)" -lt $deadline ] || return 1
+    usleep 100000
+  done
 }
 
 # leak_diff BEFORE AFTER: sets LEAKS (count) and LEAK_LIST (the new resources, "; "-joined,

@@ -27,6 +27,12 @@ if ! vm_containerd_start; then
 fi
 ctr events >"$WORK/events.log" 2>&1 &
 EVENTS_PID=$!
+# Warm-up (see leak_snapshot): one VM-mode run, then the baseline.
+progress "warm-up run"
+if ! out=$(vm_ctr_run --rm "$VM_IMAGE" warm-up true 2>&1); then
+  fail vm-faults "warm-up ctr run --rm failed: $(echo "$out" | head -c 300 | tr '\n' '|')"
+fi
+stack_settle 30
 leak_snapshot "$WORK/before.snap"
 faults=0
 leaks_total=0
@@ -53,10 +59,14 @@ wait_no_vmm() {
   done
 }
 # start_task ID [ctr run flags...]: a detached `sleep 600` in its own pod VM; fails CHECK=ID.
+# --null-io: no client FIFOs. ctr creates them under /run/containerd/fifo and only its
+# `task delete` removes them, which has no task left to delete after containerd cleaned up
+# a killed shim; they are the client's, not the runtime's.
 start_task() {
   id=$1
   shift
-  if ! out=$(vm_ctr_run -d "$@" "$VM_IMAGE" "$id" sleep 600 2>&1); then
+  progress "$id: starting its pod VM"
+  if ! out=$(vm_ctr_run -d --null-io "$@" "$VM_IMAGE" "$id" sleep 600 2>&1); then
     fail "$id" "ctr run -d failed: $(echo "$out" | head -c 300 | tr '\n' '|')"
     return 1
   fi
@@ -64,6 +74,7 @@ start_task() {
 # cleanup_and_check CHECK ID: deletes the task and container, then the leak check; counts
 # the fault.
 cleanup_and_check() {
+  progress "$1: deleting, then the leak check"
   ctr task delete "$2" >"$WORK/$2-delete.out" 2>&1
   ctr container delete "$2" >>"$WORK/$2-delete.out" 2>&1
   faults=$((faults + 1))
@@ -71,6 +82,7 @@ cleanup_and_check() {
     pass "$1-leaks" "after delete: nothing left"
   else
     fail "$1-leaks" "$LEAKS resources left: $LEAK_LIST"
+    progress "$1: $LEAKS leaks: $LEAK_LIST"
     leaks_total=$((leaks_total + LEAKS))
     # Later faults are measured against what is there now, so each names its own leaks.
     leak_snapshot "$WORK/before.snap"
@@ -82,6 +94,7 @@ shim_log_has() { grep -E 'palisade|shim' "$WORK/containerd.log" | grep -q -E "$1
 # --- kill -9 of the VMM -------------------------------------------------------------------
 if start_task vmm-kill; then
   vmm=$(vmm_pids)
+  progress "vmm-kill: kill -9 palisade-vmm $vmm"
   kill -9 $vmm
   if task_wait_status vmm-kill STOPPED 60 && wait_event vmm-kill 137 10; then
     exec_err=$(ctr task exec --exec-id after vmm-kill true 2>&1)
@@ -106,6 +119,7 @@ if start_task shim-kill; then
   if [ -z "$shim" ] || [ -z "$vmm" ]; then
     fail shim-kill "shim pid '$shim' or VMM pid '$vmm' not found: $(ps -o pid,args | grep -E 'shim|vmm' | head -5 | tr '\n' '|')"
   else
+    progress "shim-kill: kill -9 shim $shim (VMM $vmm)"
     kill -9 $shim
     if ! wait_no_vmm 20; then
       fail shim-kill "palisade-vmm $vmm still runs 20 s after kill -9 of its shim $shim"
@@ -121,6 +135,7 @@ fi
 # --- kill -9 of the container's init from inside the guest --------------------------------
 if start_task init-kill --with-ns pid:/proc/1/ns/pid; then
   guest_pid=$(ctr task ls | awk '$1 == "init-kill" {print $2}')
+  progress "init-kill: exec kill -9 $guest_pid in the guest"
   out=$(ctr task exec --exec-id killer init-kill kill -9 "$guest_pid" 2>&1)
   rc=$?
   if [ $rc != 0 ]; then
@@ -140,6 +155,7 @@ fi
 # --- guest kernel panic -------------------------------------------------------------------
 if start_task panic --privileged; then
   vmm=$(vmm_pids)
+  progress "panic: echo c > /proc/sysrq-trigger"
   # The exec's own RPC dies with the VM: its result is not the check.
   ctr task exec --exec-id crash panic sh -c 'echo c > /proc/sysrq-trigger' >"$WORK/panic-exec.out" 2>&1 &
   EXEC_PID=$!
