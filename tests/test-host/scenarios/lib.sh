@@ -176,7 +176,7 @@ kernel = "$GUEST_DIR/vmlinux"
 initramfs = "$GUEST_DIR/initramfs.cpio.gz"
 vcpus = 1
 memory_mib = $GUEST_MEM_MIB
-boot_timeout_secs = ${VM_BOOT_TIMEOUT:-120}
+boot_timeout_secs = ${VM_BOOT_TIMEOUT:-240}
 state_dir = "/run/palisade/vm"
 spare_disks = 1
 TOML
