@@ -138,3 +138,160 @@ vmm_stop() {
     wait "$VMM_PID" 2>/dev/null
   fi
 }
+
+# knob NAME DEFAULT: the value of palisade.NAME=<digits> on the test host's kernel command
+# line (run.sh: PALISADE_TEST_HOST_EXTRA_APPEND), DEFAULT when absent.
+knob() {
+  v=$(tr ' ' '\n' </proc/cmdline | sed -n "s/^palisade\.$1=\([0-9][0-9]*\)$/\1/p" | tail -1)
+  echo "${v:-$2}"
+}
+
+# progress MESSAGE: a timestamped line straight to the serial console while the scenario
+# runs (its own output is only shown when it ends): shows where a long or wedged scenario
+# is, and keeps run.sh's silence watchdog from taking a long churn run for a wedged host.
+progress() { echo "PALISADE-PROGRESS $SCENARIO $(cut -d' ' -f1 /proc/uptime)s $*" >/dev/console 2>/dev/null; }
+
+# rel PART KEY=N...: one line for tests/reliability/run.sh's summary table
+# (PALISADE-REL <part> cycles=<n> faults=<n> inputs=<n> leaks=<n>, any subset of keys).
+rel() { echo "PALISADE-REL $*"; }
+
+# --- containerd in VM mode (the shim's VM sandbox) ----------------------------------------
+# vm_containerd_start: a private containerd under $WORK/containerd, the shim configured for VM
+# mode ($VM_SHIM_CONFIG), the busybox image imported. Defines ctr (stdin from /dev/null: the
+# scenario's own stdin is the console) and vm_ctr_run. Returns 1 with $VM_CTR_ERROR on
+# failure. vm_containerd_stop ends it.
+VM_RUNTIME=io.containerd.palisade.v2
+VM_IMAGE=docker.io/palisade/busybox:latest
+vm_containerd_start() {
+  CTRD_DIR=$WORK/containerd
+  VM_SHIM_CONFIG=$WORK/palisade.toml
+  mkdir -p "$CTRD_DIR"
+  cat >"$VM_SHIM_CONFIG" <<TOML
+[shim]
+default_mode = "vm"
+
+[vm]
+vmm = "/palisade/bin/palisade-vmm"
+kernel = "$GUEST_DIR/vmlinux"
+initramfs = "$GUEST_DIR/initramfs.cpio.gz"
+vcpus = 1
+memory_mib = $GUEST_MEM_MIB
+boot_timeout_secs = ${VM_BOOT_TIMEOUT:-240}
+state_dir = "/run/palisade/vm"
+spare_disks = 1
+TOML
+  cat >"$CTRD_DIR/config.toml" <<TOML
+version = 2
+root = "$CTRD_DIR/root"
+state = "$CTRD_DIR/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs", "io.containerd.tracing.processor.v1.otlp"]
+[grpc]
+  address = "$CTRD_DIR/containerd.sock"
+[ttrpc]
+  address = "$CTRD_DIR/containerd.sock.ttrpc"
+[debug]
+  level = "debug"
+[metrics]
+  address = ""
+TOML
+  # The shim's own log goes to containerd's log (debug level).
+  containerd --config "$CTRD_DIR/config.toml" >"$WORK/containerd.log" 2>&1 &
+  CONTAINERD_PID=$!
+  n=0
+  while [ ! -S "$CTRD_DIR/containerd.sock" ] && [ $n -lt 300 ]; do usleep 100000; n=$((n + 1)); done
+  if [ ! -S "$CTRD_DIR/containerd.sock" ]; then
+    VM_CTR_ERROR="containerd did not start: $(tail -3 "$WORK/containerd.log" | tr '\n' ' ')"
+    return 1
+  fi
+  export CONTAINERD_SNAPSHOTTER=native
+  if ! out=$(ctr image import --base-name docker.io/palisade/busybox /palisade/images/busybox.tar 2>&1); then
+    VM_CTR_ERROR="ctr image import failed: $out"
+    return 1
+  fi
+}
+vm_containerd_stop() {
+  kill "$CONTAINERD_PID" 2>/dev/null
+  wait "$CONTAINERD_PID" 2>/dev/null
+  # The shim's lines of containerd's log, for a failure report (printed by /init).
+  grep -E 'palisade|shim' "$WORK/containerd.log" | tail -150 >"$WORK/shim.log" 2>/dev/null
+}
+ctr() { command ctr --address "$CTRD_DIR/containerd.sock" --namespace palisade "$@" </dev/null; }
+# vm_ctr_run [ctr run flags...] IMAGE ID ARGS...: `ctr run` with the VM-mode shim config.
+vm_ctr_run() { ctr run --runtime "$VM_RUNTIME" --runtime-config-path "$VM_SHIM_CONFIG" "$@"; }
+# task_status ID: the task's status in `ctr task ls` (empty when there is no task).
+task_status() { ctr task ls 2>/dev/null | awk -v id="$1" '$1 == id {print $3}'; }
+# task_wait_status ID STATUS TIMEOUT_S: polls until the task has STATUS.
+task_wait_status() {
+  deadline=$(($(now_ms) + $3 * 1000))
+  while [ "$(task_status "$1")" != "$2" ]; do
+    [ "$(now_ms)" -lt $deadline ] || return 1
+    usleep 100000
+  done
+}
+vmm_count() { ps -o comm | grep -cx palisade-vmm; }
+# vmm_pids: the running palisade-vmm processes.
+vmm_pids() { ps -o pid,comm | awk '$2 == "palisade-vmm" {print $1}'; }
+
+# --- leak snapshots ------------------------------------------------------------------------
+# Take the baseline after one warm-up container (and stack_settle): containerd and the shim
+# create their runtime dirs (/run/containerd/{fifo,s}, /run/palisade/vm, the namespace's
+# task dirs) on first use and keep them; a leak is what each further run leaves.
+# leak_snapshot FILE: one sorted line per resource a VM-mode container creates in the test
+# host and must remove again: processes of the stack (VMMs, shims, ctr, mkfs), mounts,
+# cgroups, bound unix sockets, network devices, and every file/fifo/socket/dir under the
+# palisade and containerd state dirs (runtime dirs, containerd's state, its bundles,
+# snapshots and fifo dirs, the VM dirs with their sockets and drive images). Containerd's
+# content store and metadata DB are deliberately not listed: they hold the image.
+leak_snapshot() {
+  {
+    ps -o pid,comm,args | awk 'NR > 1 && $2 ~ /^(palisade|containerd-shim|ctr$|mke2fs|mkfs)/ {$1 = "process " $1; print}'
+    # mount point, fs type, source (mount ids change, these do not)
+    awk '{for (i = 7; $i != "-"; i++); print "mount", $5, $(i + 1), $(i + 2)}' /proc/self/mountinfo
+    find /sys/fs/cgroup -type d 2>/dev/null | sed 's/^/cgroup /'
+    awk 'NR > 1 && $8 != "" {print "unix-socket", $8}' /proc/net/unix
+    ls /sys/class/net 2>/dev/null | sed 's/^/netdev /'
+    for dir in /run/palisade* /run/containerd* ${CTRD_DIR:+$CTRD_DIR/state}; do
+      [ -e "$dir" ] && find "$dir" 2>/dev/null | sed 's/^/file /'
+    done
+    if [ -n "$CTRD_DIR" ] && [ -d "$CTRD_DIR/root" ]; then
+      # Snapshots and per-task dirs, not the image's content.
+      find "$CTRD_DIR/root" -maxdepth 3 2>/dev/null | grep -v -e '/io.containerd.content.v1.content' \
+        -e '/io.containerd.metadata.v1.bolt' | sed 's/^/file /'
+    fi
+  } | LC_ALL=C sort >"$1"
+}
+
+# stack_settle TIMEOUT_S: waits until no palisade-vmm or shim process runs (teardown after
+# `ctr run --rm` returns is asynchronous) before a baseline snapshot is taken.
+stack_settle() {
+  deadline=$(($(now_ms) + $1 * 1000))
+  while ps -o comm | grep -q -E '^(palisade-vmm|containerd-shim)'; do
+    [ "$(now_ms)" -lt $deadline ] || return 1
+    usleep 100000
+  done
+}
+
+# leak_diff BEFORE AFTER: sets LEAKS (count) and LEAK_LIST (the new resources, "; "-joined,
+# at most 10) — what AFTER has that BEFORE had not.
+leak_diff() {
+  # (busybox has no comm) a multiset difference: duplicates count
+  awk 'FILENAME == ARGV[1] {seen[$0]++; next} seen[$0] > 0 {seen[$0]--; next} {print}' "$1" "$2" >"$2.new"
+  LEAKS=$(wc -l <"$2.new" | tr -d ' ')
+  LEAK_LIST=$(head -10 "$2.new" | tr '\n' ';' | sed 's/;$//; s/;/; /g')
+}
+
+# leak_check BEFORE TIMEOUT_S: snapshots again until nothing new remains (teardown is
+# asynchronous: a shim exits after containerd's Shutdown, a VMM after its guest resets) or
+# the time runs out; sets LEAKS and LEAK_LIST from the last snapshot.
+leak_check() {
+  deadline=$(($(now_ms) + $2 * 1000))
+  k=0
+  while :; do
+    k=$((k + 1))
+    leak_snapshot "$WORK/after.snap"
+    leak_diff "$1" "$WORK/after.snap"
+    [ "$LEAKS" = 0 ] && return 0
+    [ "$(now_ms)" -lt $deadline ] || return 1
+    usleep 250000
+  done
+}

@@ -110,11 +110,28 @@ struct Vm {
     /// Set while the shim itself stops the VM (no "VM died" errors then).
     stopping: std::sync::atomic::AtomicBool,
     console_log: PathBuf,
+    /// Why the VM died when it died under its tasks (see [`vmm::exit_reason`]).
+    exit_reason: Mutex<Option<String>>,
 }
 
 impl Vm {
     fn alive(&self) -> bool {
         self.exited.borrow().is_none()
+    }
+
+    fn set_exit_reason(&self, reason: String) {
+        *lock(&self.exit_reason) = Some(reason);
+    }
+
+    /// The error for a call that needs the VM after it exited.
+    fn exited_error(&self) -> TaskError {
+        let reason = lock(&self.exit_reason)
+            .clone()
+            .unwrap_or_else(|| "it has exited".into());
+        TaskError::Unavailable(format!(
+            "the pod's VM is gone: {reason} (see {})",
+            self.console_log.display()
+        ))
     }
 
     /// Waits (bounded) for the VMM to exit; true if it did.
@@ -232,10 +249,7 @@ impl VmSandbox {
                 TaskError::FailedPrecondition("the pod's VM is not running".into())
             })?;
         if !vm.alive() {
-            return Err(TaskError::Unavailable(format!(
-                "the pod's VM has exited (see {})",
-                vm.console_log.display()
-            )));
+            return Err(vm.exited_error());
         }
         Ok(vm)
     }
@@ -294,11 +308,19 @@ impl VmSandbox {
         // collecting the child's exec failure before `spawn` does.
         {
             use std::os::unix::process::CommandExt;
-            // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and takes integers.
+            let shim_pid = nix::unistd::getpid().as_raw();
+            // SAFETY: prctl(PR_SET_PDEATHSIG) and getppid are async-signal-safe and take
+            // or return integers.
             unsafe {
-                cmd.pre_exec(|| {
+                cmd.pre_exec(move || {
                     if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                         return Err(std::io::Error::last_os_error());
+                    }
+                    // A shim killed between fork and prctl sends no death signal: the
+                    // child has been reparented already and must not start a VM (a raw
+                    // errno: no allocation after fork).
+                    if libc::getppid() != shim_pid {
+                        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                     }
                     Ok(())
                 });
@@ -364,6 +386,7 @@ impl VmSandbox {
             exited,
             stopping: std::sync::atomic::AtomicBool::new(false),
             console_log: bundle.join(vmm::CONSOLE_LOG),
+            exit_reason: Mutex::new(None),
         });
         self.watch_vm(&vm);
         self.watch_oom(&vm);
@@ -385,12 +408,13 @@ impl VmSandbox {
             let Some(sandbox) = weak.upgrade() else {
                 return;
             };
+            let reason = vmm::exit_reason(status.unwrap_or_default(), &vm.console_log);
             error!(
                 vmm_pid = vm.pid,
-                status = ?status,
                 console = %vm.console_log.display(),
-                "the pod's microVM exited unexpectedly; its processes are reported as killed"
+                "the pod's microVM exited unexpectedly: {reason}; its processes are reported as killed"
             );
+            vm.set_exit_reason(reason);
             let containers: Vec<_> = sandbox.containers().values().cloned().collect();
             for container in containers {
                 let execs: Vec<_> = lock(&container.execs).values().cloned().collect();
@@ -521,10 +545,7 @@ impl VmSandbox {
         let mut slot = self.vm.lock().await;
         if let Some(vm) = slot.as_ref() {
             if !vm.alive() {
-                return Err(TaskError::Unavailable(format!(
-                    "the pod's VM has exited (see {})",
-                    vm.console_log.display()
-                )));
+                return Err(vm.exited_error());
             }
             let vm = vm.clone();
             drop(slot);

@@ -156,6 +156,52 @@ pub fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join(" | ")
 }
 
+/// How much of the end of the guest console a death report reads: a panic report is a few
+/// KiB; the guest controls the file's size.
+const CONSOLE_SCAN_BYTES: u64 = 64 * 1024;
+/// Longest guest-written text quoted in a message (the guest controls it).
+const QUOTE_MAX: usize = 200;
+
+/// Why the VMM exited, for the error that reports the pod's VM gone: the guest kernel's
+/// panic line from `console_log` when there is one, else what palisade-vmm's exit
+/// `status` (as the reaper reports it: code, or 128 + signal) means.
+pub fn exit_reason(status: u32, console_log: &Path) -> String {
+    if let Some(panic) = guest_panic(console_log) {
+        return format!("guest kernel panic: {panic} (palisade-vmm exit status {status})");
+    }
+    match status {
+        0 => "the guest shut down or reset (palisade-vmm exit status 0)".into(),
+        1 => "palisade-vmm failed (exit status 1, see its log)".into(),
+        2 => "guest failure: the guest triple-faulted (palisade-vmm exit status 2)".into(),
+        s if s > 128 => format!("palisade-vmm was killed by signal {}", s - 128),
+        s => format!("palisade-vmm exited with status {s}"),
+    }
+}
+
+/// The guest kernel's `Kernel panic - not syncing: ...` line near the end of its console
+/// log, printable ASCII only and bounded (guest-written text).
+fn guest_panic(console_log: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = File::open(console_log).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(CONSOLE_SCAN_BYTES)))
+        .ok()?;
+    let mut bytes = Vec::new();
+    file.take(CONSOLE_SCAN_BYTES).read_to_end(&mut bytes).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
+    let line = text.lines().rev().find(|l| l.contains("Kernel panic - "))?;
+    let start = line.find("Kernel panic - ").unwrap_or(0);
+    Some(
+        line[start..]
+            .chars()
+            .filter(|c| c.is_ascii_graphic() || *c == ' ')
+            .take(QUOTE_MAX)
+            .collect::<String>()
+            .trim_end()
+            .to_string(),
+    )
+}
+
 pub fn kill(pid: u32) {
     if let Ok(pid) = i32::try_from(pid) {
         let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
@@ -234,6 +280,43 @@ mod tests {
         std::fs::write(&log, "a\nb\n\nc\n").unwrap();
         assert_eq!(tail(&log, 2), "b | c");
         assert_eq!(tail(&dir.path().join("none"), 2), "");
+    }
+
+    #[test]
+    fn exit_reason_names_a_guest_panic_from_the_console() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        let mut text = "x".repeat(100_000);
+        text.push_str(
+            "\n[ 12.5] sysrq: Trigger a crash\n[ 12.6] Kernel panic - not syncing: sysrq triggered crash\x07\r\n[ 12.7] CPU: 0 PID: 9\n",
+        );
+        std::fs::write(&log, text).unwrap();
+        assert_eq!(
+            exit_reason(0, &log),
+            "guest kernel panic: Kernel panic - not syncing: sysrq triggered crash (palisade-vmm exit status 0)"
+        );
+    }
+
+    #[test]
+    fn exit_reason_bounds_what_the_guest_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        std::fs::write(&log, format!("Kernel panic - {}\n", "A".repeat(10_000))).unwrap();
+        let reason = exit_reason(0, &log);
+        assert!(reason.len() < QUOTE_MAX + 80, "{reason}");
+    }
+
+    #[test]
+    fn exit_reason_without_a_panic_says_what_the_vmm_status_means() {
+        let none = Path::new("/nonexistent/console.log");
+        assert_eq!(
+            exit_reason(137, none),
+            "palisade-vmm was killed by signal 9"
+        );
+        assert!(exit_reason(2, none).contains("triple-faulted"));
+        assert!(exit_reason(0, none).contains("shut down or reset"));
+        assert!(exit_reason(1, none).contains("failed"));
+        assert_eq!(exit_reason(7, none), "palisade-vmm exited with status 7");
     }
 
     #[test]
