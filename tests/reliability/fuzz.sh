@@ -23,7 +23,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 FUZZ_DIR="$ROOT/fuzz"
-ALL_TARGETS="virtio_vsock_tx virtio_blk_request virtio_mmio_registers oci_config seccomp_profile agent_request"
+ALL_TARGETS="virtio_vsock_tx virtio_net_tx virtio_blk_request virtio_mmio_registers oci_config seccomp_profile agent_request"
 
 seconds=30
 targets="$ALL_TARGETS"

@@ -10,6 +10,8 @@ use serde::Deserialize;
 
 use crate::arch::x86_64::layout::{IRQ_BASE, IRQ_MAX, MAX_MEM_SIZE, MIN_MEM_SIZE};
 use crate::arch::x86_64::mptable;
+use crate::devices::virtio::net::tap::{valid_ifname, IFNAME_MAX};
+use crate::devices::virtio::net::{format_mac, MIN_MTU};
 use crate::loader::DEFAULT_CMDLINE;
 
 /// Longest virtio-blk serial (`VIRTIO_BLK_ID_BYTES`).
@@ -143,6 +145,71 @@ impl std::str::FromStr for BlockSpec {
     }
 }
 
+/// A virtio-net device on an existing tap interface (in the VMM's network namespace).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetSpec {
+    /// Name of the tap interface; it must already exist.
+    pub tap: String,
+    /// The guest's MAC address, `aa:bb:cc:dd:ee:ff` (unicast). Without it the guest
+    /// picks a random one.
+    #[serde(default, deserialize_with = "deserialize_mac")]
+    pub mac: Option<[u8; 6]>,
+    /// MTU offered to the guest (68..=65535).
+    #[serde(default)]
+    pub mtu: Option<u16>,
+}
+
+/// Parse `aa:bb:cc:dd:ee:ff` (hex, colon-separated, six octets).
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("{s:?} is not a MAC address (expected aa:bb:cc:dd:ee:ff)");
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for octet in mac.iter_mut() {
+        let part = parts.next().ok_or_else(bad)?;
+        if part.len() != 2 {
+            return Err(bad());
+        }
+        *octet = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    Ok(mac)
+}
+
+fn deserialize_mac<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<[u8; 6]>, D::Error> {
+    match Option::<String>::deserialize(d)? {
+        Some(s) => parse_mac(&s).map(Some).map_err(serde::de::Error::custom),
+        None => Ok(None),
+    }
+}
+
+impl std::str::FromStr for NetSpec {
+    type Err = String;
+    /// `tap=<IFNAME>[,mac=<aa:bb:cc:dd:ee:ff>][,mtu=<N>]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut tap = None;
+        let mut mac = None;
+        let mut mtu = None;
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("tap", v)) => tap = Some(v.to_string()),
+                Some(("mac", v)) => mac = Some(parse_mac(v)?),
+                Some(("mtu", v)) => {
+                    mtu = Some(
+                        v.parse()
+                            .map_err(|_| format!("mtu={v}: expected a number in 68..=65535"))?,
+                    )
+                }
+                _ => return Err(format!("unknown net option {part:?}")),
+            }
+        }
+        let tap = tap.ok_or("net device needs tap=<IFNAME>")?;
+        Ok(NetSpec { tap, mac, mtu })
+    }
+}
+
 /// The JSON configuration file (`--config-file`). Every key is optional here; the merged
 /// result is validated as a whole.
 #[derive(Debug, Default, Deserialize)]
@@ -163,6 +230,9 @@ pub struct FileConfig {
     /// Block devices.
     #[serde(default)]
     pub block: Vec<BlockSpec>,
+    /// Network devices.
+    #[serde(default)]
+    pub net: Vec<NetSpec>,
     /// Serial output: "stdout", "none" or a file path.
     pub serial_output: Option<SerialOutput>,
     /// Feed the VMM's stdin to the guest serial console.
@@ -182,12 +252,13 @@ pub struct FileConfig {
 ///
 /// Devices: COM1 (0x3f8, IRQ 4), i8042 (0x60/0x64, IRQ 1), then virtio-mmio devices from
 /// 0xd0000000 (4 KiB apart, IRQ 5 upwards): the vsock device first, then the block
-/// devices in the order given.
+/// devices, then the net devices, each in the order given.
 #[derive(Debug, Default, Parser)]
 #[command(name = "palisade-vmm", version, about, long_about)]
 pub struct Cli {
     /// JSON configuration file (keys: kernel, initrd, cmdline, vcpus, mem_mib,
-    /// vsock {guest_cid, uds_path}, block [{path, read_only, id}], serial_output,
+    /// vsock {guest_cid, uds_path}, block [{path, read_only, id}], net [{tap, mac, mtu}],
+    /// serial_output,
     /// serial_input, api_socket, no_seccomp). Flags given on the command line override it.
     #[arg(long, value_name = "PATH")]
     pub config_file: Option<PathBuf>,
@@ -224,6 +295,11 @@ pub struct Cli {
     /// (id: ≤ 20-byte serial). Repeat for more disks; the guest sees them as vda, vdb, ...
     #[arg(long = "block", value_name = "SPEC")]
     pub block: Vec<BlockSpec>,
+    /// Add a virtio-net device on an existing tap interface of the VMM's network
+    /// namespace: "tap=<IFNAME>[,mac=<aa:bb:cc:dd:ee:ff>][,mtu=<N>]". Repeatable; the
+    /// guest sees eth0, eth1, ...
+    #[arg(long = "net", value_name = "SPEC")]
+    pub net: Vec<NetSpec>,
     /// Guest serial (COM1) output: "stdout", "none", or a file path. [default: stdout]
     #[arg(long, value_name = "stdout|none|PATH")]
     pub serial_output: Option<SerialOutput>,
@@ -258,6 +334,8 @@ pub struct VmConfig {
     pub vsock: Option<VsockSpec>,
     /// Block devices.
     pub block: Vec<BlockSpec>,
+    /// Net devices.
+    pub net: Vec<NetSpec>,
     /// Serial output.
     pub serial_output: SerialOutput,
     /// Serial input from stdin.
@@ -279,6 +357,7 @@ impl VmConfig {
             mem_size: 128 << 20,
             vsock: None,
             block: Vec::new(),
+            net: Vec::new(),
             serial_output: SerialOutput::Stdout,
             serial_input: false,
             api_socket: None,
@@ -322,6 +401,11 @@ impl VmConfig {
             file.block
         } else {
             cli.block.clone()
+        };
+        config.net = if cli.net.is_empty() {
+            file.net
+        } else {
+            cli.net.clone()
         };
         if let Some(out) = cli.serial_output.clone().or(file.serial_output) {
             config.serial_output = out;
@@ -385,10 +469,41 @@ impl VmConfig {
                 }
             }
         }
-        let devices = self.block.len() + usize::from(self.vsock.is_some());
+        let mut taps = std::collections::HashSet::new();
+        for n in &self.net {
+            if !valid_ifname(&n.tap) {
+                return Err(invalid(
+                    "net tap",
+                    format!(
+                        "{:?} is not an interface name (1-{IFNAME_MAX} bytes, no '/', ':' or whitespace)",
+                        n.tap
+                    ),
+                ));
+            }
+            if !taps.insert(n.tap.clone()) {
+                return Err(invalid("net tap", format!("{:?} is used twice", n.tap)));
+            }
+            if let Some(mac) = &n.mac {
+                if mac[0] & 1 != 0 || mac == &[0; 6] {
+                    return Err(invalid(
+                        "net mac",
+                        format!("{} is not a unicast address", format_mac(mac)),
+                    ));
+                }
+            }
+            if let Some(mtu) = n.mtu {
+                if mtu < MIN_MTU {
+                    return Err(invalid(
+                        "net mtu",
+                        format!("{mtu} is not in {MIN_MTU}..=65535"),
+                    ));
+                }
+            }
+        }
+        let devices = self.block.len() + self.net.len() + usize::from(self.vsock.is_some());
         if devices > MAX_VIRTIO_DEVICES {
             return Err(invalid(
-                "block",
+                "block/net",
                 format!("{devices} virtio devices, at most {MAX_VIRTIO_DEVICES} are supported"),
             ));
         }
@@ -576,6 +691,72 @@ mod tests {
         let err =
             parse(&["--kernel", "/k", "--vsock-cid", "3", "--vsock-uds", &vsock]).unwrap_err();
         assert!(err.contains("at most 96"), "{err}");
+    }
+
+    #[test]
+    fn net_devices_from_flags_and_file() {
+        let c = parse(&[
+            "--kernel",
+            "/k",
+            "--net",
+            "tap=tap0,mac=02:aa:bb:cc:dd:0E,mtu=1400",
+            "--net",
+            "tap=tap1",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.net,
+            vec![
+                NetSpec {
+                    tap: "tap0".into(),
+                    mac: Some([0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0x0e]),
+                    mtu: Some(1400)
+                },
+                NetSpec {
+                    tap: "tap1".into(),
+                    mac: None,
+                    mtu: None
+                }
+            ]
+        );
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        write!(
+            f,
+            r#"{{"kernel":"/k","net":[{{"tap":"eth-tap","mac":"02:00:00:00:00:01","mtu":9000}}]}}"#
+        )
+        .unwrap();
+        let c = parse(&["--config-file", f.path().to_str().unwrap()]).unwrap();
+        assert_eq!(c.net[0].tap, "eth-tap");
+        assert_eq!(c.net[0].mac, Some([2, 0, 0, 0, 0, 1]));
+        assert_eq!(c.net[0].mtu, Some(9000));
+    }
+
+    #[test]
+    fn bad_net_configs_name_the_field() {
+        let cases: &[(&str, &str)] = &[
+            ("mac=02:00:00:00:00:01", "needs tap="),
+            ("tap=t0,speed=10", "unknown net option"),
+            ("tap=t0,mac=02:00:00:00:00", "not a MAC address"),
+            ("tap=t0,mac=02:00:00:00:00:01:02", "not a MAC address"),
+            ("tap=t0,mac=0g:00:00:00:00:01", "not a MAC address"),
+            ("tap=t0,mac=01:00:5e:00:00:01", "invalid net mac"),
+            ("tap=t0,mac=00:00:00:00:00:00", "invalid net mac"),
+            ("tap=t0,mtu=67", "invalid net mtu"),
+            ("tap=t0,mtu=65536", "mtu=65536"),
+            ("tap=", "invalid net tap"),
+            ("tap=a/b", "invalid net tap"),
+            ("tap=sixteen-bytes-xx", "invalid net tap"),
+        ];
+        for (spec, expected) in cases {
+            let err = parse(&["--kernel", "/k", "--net", spec]).unwrap_err();
+            assert!(err.contains(expected), "{spec}: {err}");
+        }
+        let err = parse(&["--kernel", "/k", "--net", "tap=t0", "--net", "tap=t0"]).unwrap_err();
+        assert!(err.contains("used twice"), "{err}");
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        write!(f, r#"{{"kernel":"/k","net":[{{"tap":"t0","mac":"zz"}}]}}"#).unwrap();
+        let err = parse(&["--config-file", f.path().to_str().unwrap()]).unwrap_err();
+        assert!(err.contains("not a MAC address"), "{err}");
     }
 
     #[test]

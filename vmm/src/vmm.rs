@@ -18,10 +18,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::layout::{self, IRQ_BASE, MMIO_GAP_START, VIRTIO_MMIO_WINDOW};
 use crate::arch::x86_64::{mptable, regs};
-use crate::config::{BlockSpec, SerialOutput, VmConfig, VsockSpec};
+use crate::config::{BlockSpec, NetSpec, SerialOutput, VmConfig, VsockSpec};
 use crate::devices::bus::SharedDevice;
 use crate::devices::legacy::{self, ResetCallback, ResetControl, Serial, SerialInput, Sink, I8042};
 use crate::devices::virtio::block::{BlockConfig, BlockDevice};
+use crate::devices::virtio::net::{NetConfig, NetDevice};
 use crate::devices::virtio::vsock::{VsockConfig, VsockDevice};
 use crate::devices::virtio::MmioTransport;
 use crate::devices::{Bus, BusError, MmioSlot, VirtioMmioDevice};
@@ -277,6 +278,12 @@ impl Vmm {
             devices.push((
                 format!("virtio-blk {}", block.path.display()),
                 build_block(&mem, block)?,
+            ));
+        }
+        for net in &config.net {
+            devices.push((
+                format!("virtio-net (tap {})", net.tap),
+                build_net(&mem, net)?,
             ));
         }
         devices.extend(extra.into_iter().map(|d| ("extra device".to_string(), d)));
@@ -584,6 +591,21 @@ fn build_vsock(mem: &GuestMemoryMmap, spec: &VsockSpec) -> Result<ExtraDevice, V
     let device = VsockDevice::new(&VsockConfig {
         guest_cid: u64::from(spec.guest_cid),
         uds_path: spec.uds_path.clone(),
+    })
+    .map_err(|e| err(e.to_string()))?;
+    let transport = MmioTransport::new(mem.clone(), device).map_err(|e| err(e.to_string()))?;
+    Ok(Box::new(transport))
+}
+
+fn build_net(mem: &GuestMemoryMmap, spec: &NetSpec) -> Result<ExtraDevice, VmmError> {
+    let err = |reason: String| VmmError::Device {
+        what: format!("virtio-net (tap {})", spec.tap),
+        reason,
+    };
+    let device = NetDevice::new(&NetConfig {
+        tap: spec.tap.clone(),
+        mac: spec.mac,
+        mtu: spec.mtu,
     })
     .map_err(|e| err(e.to_string()))?;
     let transport = MmioTransport::new(mem.clone(), device).map_err(|e| err(e.to_string()))?;

@@ -147,6 +147,17 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
             );
         }
         ThreadKind::EventLoop => {
+            // virtio-net sets the tap's offloads to what the guest acknowledged, once per
+            // driver activation; every other tap ioctl happens before the filters.
+            rules.insert(
+                libc::SYS_ioctl,
+                vec![SeccompRule::new(vec![SeccompCondition::new(
+                    1,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::Eq,
+                    libc::TUNSETOFFLOAD,
+                )?])?],
+            );
             // New sockets only for vsock's Unix-domain connections.
             rules.insert(
                 libc::SYS_socket,
@@ -292,6 +303,38 @@ mod tests {
             let prog = compile(kind).unwrap();
             assert!(!prog.is_empty(), "{kind:?}");
         }
+    }
+
+    #[test]
+    fn event_loop_filter_allows_only_the_tap_offload_ioctl() {
+        // virtio-net's TUNSETOFFLOAD runs on the device thread; any other ioctl (here
+        // TUNSETIFF, which could attach to another interface) is refused.
+        let prog = compile(ThreadKind::EventLoop).unwrap();
+        // SAFETY: fork in a test; the child only makes raw syscalls and exits via _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: resetting a signal disposition in the single-threaded child.
+            unsafe { libc::signal(libc::SIGSYS, libc::SIG_DFL) };
+            if seccompiler::apply_filter(&prog).is_err() {
+                // SAFETY: _exit is async-signal-safe.
+                unsafe { libc::_exit(5) };
+            }
+            // SAFETY: ioctls on an invalid fd: the filter decides before the kernel
+            // looks at the fd (EBADF when allowed).
+            unsafe {
+                if libc::ioctl(-1, libc::TUNSETOFFLOAD, 0 as libc::c_ulong) != -1 {
+                    libc::_exit(3);
+                }
+                libc::ioctl(-1, libc::TUNSETIFF, 0 as libc::c_ulong);
+                libc::_exit(4);
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFSIGNALED(status), "status {status:#x}");
+        assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
     }
 
     #[test]
