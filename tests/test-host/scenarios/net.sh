@@ -38,8 +38,8 @@ t0=$(now_ms)
 ctr run --rm --runtime "$RUNTIME" --runtime-config-path "$WORK/vm.toml" \
   --with-ns network:/var/run/netns/pod1 "$NET_IMAGE" net1 sh -c '
     echo "LINK $(ip -o link show eth0)"
-    echo "ADDR $(ip -o -4 addr show dev eth0)"
-    echo "ROUTE $(ip route show default)"
+    echo "ADDR $(ip -o addr show dev eth0 | tr "\n" ";")"
+    echo "ROUTE $(ip route | tr "\n" ";")"
     if ping -c 3 -W 5 10.88.0.1 >/tmp/ping.out 2>&1; then echo "PING ok"; else echo "PING failed: $(tr "\n" " " </tmp/ping.out)"; fi
     echo "FETCH $(wget -q -T 20 -O - http://10.88.0.1:8080/hello.txt 2>&1)"
   ' >"$WORK/run.log" 2>&1
