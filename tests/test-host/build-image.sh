@@ -319,11 +319,12 @@ for tool in ip tc iperf3; do
   command -v $tool >/dev/null || net_missing="${net_missing:+$net_missing; }$tool not installed"
 done
 if [[ -z $net_missing ]]; then
+  # The scenarios call them by path (lib-net.sh): busybox sh prefers its own ip applet.
   for tool in ip tc iperf3; do
-    copy_with_libs "$(command -v $tool)" "$root/usr/bin/$tool"
+    copy_with_libs "$(command -v $tool)" "$root/palisade/bin/$tool"
   done
   iperf3_bin=$(command -v iperf3)
-  net_image_key=$( (sha256sum "$busybox" "$iperf3_bin" $(ldd "$iperf3_bin" | awk '/=> \// {print $3}'); umoci --version) | sha256sum | cut -c1-16)
+  net_image_key=$( (echo opt-v2; sha256sum "$busybox" "$iperf3_bin" $(ldd "$iperf3_bin" | awk '/=> \// {print $3}'); umoci --version) | sha256sum | cut -c1-16)
   net_image_tar="$cache/net-oci-$net_image_key.tar"
   if [[ ! -s $net_image_tar ]]; then
     log "building the net OCI image (busybox + iperf3, umoci)"
@@ -333,11 +334,16 @@ if [[ -z $net_missing ]]; then
     for applet in $("$busybox" --list); do
       [[ $applet == busybox ]] || ln -sf busybox "$img_dir/rootfs/bin/$applet"
     done
-    cp "$iperf3_bin" "$img_dir/rootfs/usr/bin/iperf3"
+    # iperf3 with its own glibc under /opt/iperf3, started through that glibc's loader: no
+    # glibc in /lib, where the static busybox's NSS code would find (and crash on) it.
+    mkdir -p "$img_dir/rootfs/opt/iperf3/lib"
+    cp "$iperf3_bin" "$img_dir/rootfs/opt/iperf3/iperf3"
     ldd "$iperf3_bin" | awk '/=> \// {print $3} /^\t\/lib64/ {print $1}' | while read -r lib; do
-      mkdir -p "$img_dir/rootfs$(dirname "$lib")"
-      cp -L "$lib" "$img_dir/rootfs$lib"
+      cp -L "$lib" "$img_dir/rootfs/opt/iperf3/lib/"
     done
+    printf '#!/bin/sh\nexec /opt/iperf3/lib/ld-linux-x86-64.so.2 --library-path /opt/iperf3/lib /opt/iperf3/iperf3 "$@"\n' \
+      >"$img_dir/rootfs/usr/bin/iperf3"
+    chmod 755 "$img_dir/rootfs/usr/bin/iperf3"
     echo 'root:x:0:0:root:/root:/bin/sh' >"$img_dir/rootfs/etc/passwd"
     echo 'root:x:0:' >"$img_dir/rootfs/etc/group"
     umoci init --layout "$img_dir/layout" >&2

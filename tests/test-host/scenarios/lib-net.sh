@@ -1,12 +1,17 @@
-# Shared by the pod-networking scenarios (net, net-bench): a private containerd, VM- and
-# native-mode shim configs, and network namespaces set up as CNI's bridge plugin leaves them.
+# Shared by the pod-networking scenarios (net, net-bench): a private containerd, the VM-mode
+# shim config, and network namespaces set up as CNI's bridge plugin leaves them.
 # Sourced after lib.sh.
+
+# iproute2's, by path: busybox's sh runs its own applets (busybox ip: no netns, no veth
+# peers) before looking at PATH.
+ip() { /palisade/bin/ip "$@"; }
+tc() { /palisade/bin/tc "$@"; }
 
 RUNTIME=io.containerd.palisade.v2
 NET_IMAGE=docker.io/palisade/net:latest
 
 # net_containerd_start: containerd on $WORK/containerd, the net image imported; defines ctr()
-# and writes $WORK/vm.toml and $WORK/native.toml (the shim's config per mode). Fails the
+# and writes $WORK/vm.toml (the shim's config). Fails the
 # scenario and returns 1 if anything of it fails.
 net_containerd_start() {
   d=$WORK/containerd
@@ -24,7 +29,6 @@ memory_mib = $GUEST_MEM_MIB
 boot_timeout_secs = 90
 state_dir = "/run/palisade/vm"
 TOML
-  printf '[shim]\ndefault_mode = "native"\n' >"$WORK/native.toml"
   cat >"$d/config.toml" <<TOML
 version = 2
 root = "$d/root"
@@ -68,11 +72,12 @@ net_containerd_stop() {
 # pod_netns NAME SUBNET MTU: network namespace NAME as the CNI bridge plugin leaves it: the
 # container end `eth0` (SUBNET.5/16, a fixed locally administered MAC, MTU, default route via
 # SUBNET.1) inside, the other end `v-NAME` (SUBNET.1/16) in L1's root namespace (where the
-# bridge would be). Sets POD_MAC. The namespace is /var/run/netns/NAME.
+# bridge would be). Sets POD_MAC. The namespace is /run/netns/NAME (iproute2 keeps them
+# there; /var/run is /run on Debian).
 pod_netns() {
   name=$1 subnet=$2 mtu=$3
   POD_MAC=02:42:$(echo "$subnet" | awk -F. '{printf "%02x:%02x:%02x", $1, $2, $3}'):05
-  mkdir -p /var/run/netns
+  mkdir -p /run/netns
   ip netns add "$name" &&
     ip link add "v-$name" mtu "$mtu" type veth peer name eth0 netns "$name" &&
     ip -n "$name" link set eth0 address "$POD_MAC" mtu "$mtu" up &&

@@ -1,6 +1,6 @@
 # net: pod networking in VM mode (issue 9). A network namespace set up as CNI's bridge plugin
 # would (lib-net.sh: pod_netns), and `ctr run --runtime io.containerd.palisade.v2
-# --with-ns network:/var/run/netns/pod1` in VM mode: the shim mirrors the pod's veth to a tap
+# --with-ns network:/run/netns/pod1` in VM mode: the shim mirrors the pod's veth to a tap
 # with tc, starts the VMM in the namespace and configures the guest through the agent.
 # Everything stays inside L1. Checks:
 #   identity  the guest's eth0 has the netns's MAC, MTU (1450, not the default) and address,
@@ -36,12 +36,14 @@ HTTPD_PID=$!
 
 t0=$(now_ms)
 ctr run --rm --runtime "$RUNTIME" --runtime-config-path "$WORK/vm.toml" \
-  --with-ns network:/var/run/netns/pod1 "$NET_IMAGE" net1 sh -c '
+  --with-ns network:/run/netns/pod1 "$NET_IMAGE" net1 sh -c '
     echo "LINK $(ip -o link show eth0)"
     echo "ADDR $(ip -o addr show dev eth0 | tr "\n" ";")"
     echo "ROUTE $(ip route | tr "\n" ";")"
     if ping -c 3 -W 5 10.88.0.1 >/tmp/ping.out 2>&1; then echo "PING ok"; else echo "PING failed: $(tr "\n" " " </tmp/ping.out)"; fi
-    echo "FETCH $(wget -q -T 20 -O - http://10.88.0.1:8080/hello.txt 2>&1)"
+    echo "FETCH $(wget -q -T 20 -O - http://10.88.0.1:8080/hello.txt 2>&1 | tr "\n" " ")"
+    # Diagnostics only (not a result): the same file over a plain TCP connection.
+    echo "NCFETCH $(printf "GET /hello.txt HTTP/1.0\r\n\r\n" | nc -w 20 10.88.0.1 8080 2>&1 | tail -n 1)"
   ' >"$WORK/run.log" 2>&1
 rc=$?
 t_run=$(($(now_ms) - t0))
@@ -63,10 +65,11 @@ else
   fail ping "${ping_result:-no PING line}"
 fi
 fetched=$(line FETCH)
+fetched=${fetched% }
 if [ "$fetched" = "$token" ]; then
   pass fetch "wget http://10.88.0.1:8080/hello.txt from the container: content matches ($token)"
 else
-  fail fetch "got '$(echo "$fetched" | head -c 200)', want '$token'"
+  fail fetch "wget got '$(echo "$fetched" | head -c 200)', want '$token' (plain TCP with nc got '$(line NCFETCH | head -c 100)')"
 fi
 
 n=0
