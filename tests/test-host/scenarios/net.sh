@@ -41,7 +41,7 @@ ctr run --rm --runtime "$RUNTIME" --runtime-config-path "$WORK/vm.toml" \
     echo "ADDR $(ip -o addr show dev eth0 | tr "\n" ";")"
     echo "ROUTE $(ip route | tr "\n" ";")"
     if ping -c 3 -W 5 10.88.0.1 >/tmp/ping.out 2>&1; then echo "PING ok"; else echo "PING failed: $(tr "\n" " " </tmp/ping.out)"; fi
-    echo "FETCH $(wget -q -T 20 -O - http://10.88.0.1:8080/hello.txt 2>&1 | tr "\n" " ")"
+    echo "FETCH $(wget -q -O - http://10.88.0.1:8080/hello.txt 2>&1 | tr "\n" " ")"
     # Diagnostics only (not a result): the same file over a plain TCP connection.
     echo "NCFETCH $(printf "GET /hello.txt HTTP/1.0\r\n\r\n" | nc -w 20 10.88.0.1 8080 2>&1 | tail -n 1)"
   ' >"$WORK/run.log" 2>&1
