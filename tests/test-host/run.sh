@@ -21,7 +21,7 @@
 #
 # Time budget (2 shared cores): `all` takes ~5.5 min on a loaded machine (README.md has the
 # measurements) and must stay ≤ 10 min; hard bound: the per-scenario limits below plus 120 s
-# for the test host's own boot (~24 min), so a hang cannot stall CI.
+# for the test host's own boot (~34 min), so a hang cannot stall CI.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
