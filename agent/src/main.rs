@@ -7,6 +7,7 @@
 mod containers;
 mod error;
 mod init;
+mod network;
 mod reaper;
 mod sandbox;
 mod service;

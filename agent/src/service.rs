@@ -15,7 +15,7 @@ use ttrpc::r#async::TtrpcContext;
 use crate::{
     containers::Containers,
     error::{AgentError, Result},
-    sandbox,
+    network, sandbox,
 };
 
 pub struct AgentService {
@@ -313,6 +313,42 @@ impl Agent for AgentService {
                 ..Default::default()
             });
         reply("GetOomEvent", result)
+    }
+
+    async fn update_interface(
+        &self,
+        _: &TtrpcContext,
+        req: UpdateInterfaceRequest,
+    ) -> ttrpc::Result<Interface> {
+        let result = async {
+            let config = network::interface_config(&req.interface)?;
+            let interface = network::update_interface(&config).await?;
+            tracing::info!(
+                name = %interface.name,
+                mac = %interface.mac,
+                mtu = interface.mtu,
+                addresses = interface.addresses.len(),
+                "interface configured"
+            );
+            Ok(interface)
+        }
+        .await;
+        reply("UpdateInterface", result)
+    }
+
+    async fn update_routes(
+        &self,
+        _: &TtrpcContext,
+        req: UpdateRoutesRequest,
+    ) -> ttrpc::Result<Empty> {
+        let result = async {
+            let routes = network::routes_config(&req.routes)?;
+            network::update_routes(&routes).await?;
+            tracing::info!(routes = routes.len(), "routes configured");
+            Ok(())
+        }
+        .await;
+        reply("UpdateRoutes", empty(result))
     }
 }
 

@@ -32,10 +32,28 @@ struct Agent {
 
 impl Agent {
     fn start() -> Self {
+        Self::start_with(&["--uts", "--ipc", "--"])
+    }
+
+    /// The agent in a private network namespace too, after `setup` (a shell script, run in
+    /// that namespace) prepared it: the stand-in for the guest's NIC.
+    fn start_in_netns(setup: &str) -> Self {
+        Self::start_with(&[
+            "--uts",
+            "--ipc",
+            "--net",
+            "--",
+            "sh",
+            "-c",
+            &format!("set -e; {setup}; exec \"$0\" \"$@\""),
+        ])
+    }
+
+    fn start_with(unshare_args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("agent.sock");
         let child = Command::new("unshare")
-            .args(["--uts", "--ipc", "--"])
+            .args(unshare_args)
             .arg(env!("CARGO_BIN_EXE_palisade-agent"))
             .arg("--listen")
             .arg(format!("unix:{}", socket.display()))
@@ -933,5 +951,208 @@ async fn ext4_block_device_rootfs() {
         &device.0,
     );
     assert!(!agent.dir.path().join("state/containers/badfs").exists());
+    assert_serving(&client).await;
+}
+
+/// Runs `ip ARGS` in the agent's network namespace; its stdout.
+fn ip_in(agent: &Agent, args: &[&str]) -> String {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/proc/{}/ns/net", agent.child.id()))
+        .arg("ip")
+        .args(args)
+        .output()
+        .expect("nsenter ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn address(address: &str, prefix_len: u32) -> IPAddress {
+    IPAddress {
+        address: address.into(),
+        prefix_len,
+        ..Default::default()
+    }
+}
+
+fn route(destination: &str, gateway: &str, device: &str, scope: &str) -> Route {
+    Route {
+        destination: destination.into(),
+        gateway: gateway.into(),
+        device: device.into(),
+        scope: scope.into(),
+        ..Default::default()
+    }
+}
+
+/// UpdateInterface / UpdateRoutes on a veth interface in the agent's private network
+/// namespace (the guest's virtio NIC in a VM). Needs root and iproute2 (`ip`, `nsenter`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_interface_and_routes_are_applied_and_bad_input_refused() {
+    const MAC: &str = "02:42:0a:58:00:05";
+    let agent = Agent::start_in_netns(&format!(
+        "ip link add nic0 address {MAC} type veth peer name peer0; ip addr add 192.0.2.9/24 dev nic0"
+    ));
+    let client = agent.client().await;
+    assert_serving(&client).await;
+
+    // Matched by MAC, renamed to eth0, MTU and addresses set (the old one replaced), up.
+    let request = UpdateInterfaceRequest {
+        interface: Some(Interface {
+            name: "eth0".into(),
+            mac: MAC.to_uppercase(),
+            mtu: 1450,
+            addresses: vec![address("10.88.0.5", 16), address("fd00:88::5", 64)],
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    };
+    let configured = client
+        .update_interface(ctx(), &request)
+        .await
+        .expect("UpdateInterface");
+    assert_eq!(configured.name, "eth0");
+    assert_eq!(configured.mac, MAC);
+    assert_eq!(configured.mtu, 1450);
+    let mut got: Vec<String> = configured
+        .addresses
+        .iter()
+        .map(|a| format!("{}/{}", a.address, a.prefix_len))
+        .collect();
+    got.sort();
+    assert_eq!(got, ["10.88.0.5/16", "fd00:88::5/64"]);
+    let link = ip_in(&agent, &["-o", "link", "show", "eth0"]);
+    assert!(link.contains("mtu 1450") && link.contains(MAC), "{link}");
+    assert!(link.contains(",UP"), "{link}");
+    let addrs = ip_in(&agent, &["-o", "addr", "show", "dev", "eth0"]);
+    assert!(addrs.contains("inet 10.88.0.5/16"), "{addrs}");
+    assert!(!addrs.contains("192.0.2.9"), "old address kept: {addrs}");
+    // Idempotent: the same request again gives the same interface.
+    let again = client
+        .update_interface(ctx(), &request)
+        .await
+        .expect("UpdateInterface again");
+    assert_eq!(again.addresses.len(), 2);
+
+    // Routes: a gateway route listed before the link route it depends on still works.
+    client
+        .update_routes(
+            ctx(),
+            &UpdateRoutesRequest {
+                routes: vec![
+                    route("", "10.89.0.1", "eth0", ""),
+                    route("10.89.0.0/24", "", "eth0", "link"),
+                    route("198.51.100.0/24", "10.89.0.1", "", ""),
+                ],
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("UpdateRoutes");
+    let routes = ip_in(&agent, &["route", "show"]);
+    assert!(
+        routes.contains("default via 10.89.0.1 dev eth0"),
+        "{routes}"
+    );
+    assert!(
+        routes.contains("10.89.0.0/24 dev eth0 proto static scope link"),
+        "{routes}"
+    );
+    assert!(
+        routes.contains("198.51.100.0/24 via 10.89.0.1 dev eth0"),
+        "{routes}"
+    );
+
+    // Hostile or wrong input: clear errors, nothing changed, the agent keeps serving.
+    let bad_interface =
+        |mac: &str, name: &str, mtu: u32, addresses: Vec<IPAddress>| UpdateInterfaceRequest {
+            interface: Some(Interface {
+                name: name.into(),
+                mac: mac.into(),
+                mtu,
+                addresses,
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        };
+    for (req, code, needle) in [
+        (
+            bad_interface("02:42:0a:58:00", "", 0, vec![]),
+            Code::INVALID_ARGUMENT,
+            "interface.mac",
+        ),
+        (
+            bad_interface("", "eth0", 0, vec![address("10.0.0.1", 33)]),
+            Code::INVALID_ARGUMENT,
+            "interface.addresses[0]",
+        ),
+        (
+            bad_interface("", "eth0", 0, vec![address("fd00::1", 129)]),
+            Code::INVALID_ARGUMENT,
+            "prefix length 129",
+        ),
+        (
+            bad_interface("", "eth0", 9, vec![]),
+            Code::INVALID_ARGUMENT,
+            "interface.mtu",
+        ),
+        (
+            bad_interface("", "eth0", 0, vec![address("10.0.0.1", 8); 17]),
+            Code::INVALID_ARGUMENT,
+            "interface.addresses",
+        ),
+        (
+            bad_interface("02:00:00:00:00:99", "", 0, vec![]),
+            Code::NOT_FOUND,
+            "interface with MAC 02:00:00:00:00:99",
+        ),
+        (
+            bad_interface("", "nosuch0", 0, vec![]),
+            Code::NOT_FOUND,
+            "nosuch0",
+        ),
+        (
+            bad_interface(MAC, "lo", 0, vec![]),
+            Code::ALREADY_EXISTS,
+            "\"lo\"",
+        ),
+    ] {
+        assert_status(client.update_interface(ctx(), &req).await, code, needle);
+    }
+    for (routes, code, needle) in [
+        (
+            vec![route("10.0.0.0/40", "", "eth0", "")],
+            Code::INVALID_ARGUMENT,
+            "routes[0].destination",
+        ),
+        (
+            vec![route("", "", "", "")],
+            Code::INVALID_ARGUMENT,
+            "needs a gateway or a device",
+        ),
+        (
+            vec![route("10.0.0.0/8", "", "nosuch0", "link")],
+            Code::NOT_FOUND,
+            "nosuch0",
+        ),
+        (
+            vec![route("", "10.0.0.1", "", ""); 129],
+            Code::INVALID_ARGUMENT,
+            "at most 128",
+        ),
+    ] {
+        let req = UpdateRoutesRequest {
+            routes,
+            ..Default::default()
+        };
+        assert_status(client.update_routes(ctx(), &req).await, code, needle);
+    }
+    let link = ip_in(&agent, &["-o", "link", "show", "eth0"]);
+    assert!(link.contains("mtu 1450"), "{link}");
     assert_serving(&client).await;
 }

@@ -81,7 +81,7 @@ fetch_kernel_deb() {
 
 deb=$(fetch_kernel_deb)
 # The extraction is keyed by package and by the module list below (bump when it changes).
-kdir="$cache/kernel-$(basename "$deb" .deb)-m2"
+kdir="$cache/kernel-$(basename "$deb" .deb)-m3"
 if [[ ! -f $kdir/.done ]]; then
   log "extracting $(basename "$deb")"
   rm -rf "$kdir" && mkdir -p "$kdir/x"
@@ -91,11 +91,13 @@ if [[ ! -f $kdir/.done ]]; then
   mkdir -p "$kdir/modules"
   # Load order matters (kvm needs irqbypass, kvm-amd needs kvm); overlay and loop serve the
   # containerd scenarios; the vhost-vsock stack gives the reference VMM (QEMU) the same vsock
-  # device palisade-vmm has, so the benchmark compares like with like. Modules may be
-  # xz/zstd-compressed in newer packages.
+  # device palisade-vmm has, so the benchmark compares like with like; tun, veth and the tc
+  # ingress qdisc / u32 classifier / mirred action serve pod networking (`net`, `net-bench`:
+  # the shim's tap + tc mirroring). Modules may be xz/zstd-compressed in newer packages.
   for m in virt/lib/irqbypass arch/x86/kvm/kvm arch/x86/kvm/kvm-amd fs/overlayfs/overlay \
     drivers/block/loop net/vmw_vsock/vsock net/vmw_vsock/vmw_vsock_virtio_transport_common \
-    drivers/vhost/vhost_iotlb drivers/vhost/vhost drivers/vhost/vhost_vsock; do
+    drivers/vhost/vhost_iotlb drivers/vhost/vhost drivers/vhost/vhost_vsock \
+    drivers/net/tun drivers/net/veth net/sched/sch_ingress net/sched/cls_u32 net/sched/act_mirred; do
     src="$kdir/x/lib/modules/$kver/kernel/$m"
     name=$(basename "$m")
     if [[ -f $src.ko ]]; then
@@ -370,6 +372,58 @@ else
   component runc-shim missing "$runc_missing"
 fi
 # <<< cri-vm block --------------------------------------------------------------------
+# >>> net block (issue 9): what `net` and `net-bench` need -------------------------------
+# iproute2's ip and tc (busybox's ip has no netns or veth peers), iperf3 (Debian's, with
+# its libraries) in L1, and an OCI image of busybox + iperf3 for the container side.
+net_missing=
+for tool in ip tc iperf3; do
+  command -v $tool >/dev/null || net_missing="${net_missing:+$net_missing; }$tool not installed"
+done
+if [[ -z $net_missing ]]; then
+  # The scenarios call them by path (lib-net.sh): busybox sh prefers its own ip applet.
+  for tool in ip tc iperf3; do
+    copy_with_libs "$(command -v $tool)" "$root/palisade/bin/$tool"
+  done
+  iperf3_bin=$(command -v iperf3)
+  net_image_key=$( (echo opt-v2; sha256sum "$busybox" "$iperf3_bin" $(ldd "$iperf3_bin" | awk '/=> \// {print $3}'); umoci --version) | sha256sum | cut -c1-16)
+  net_image_tar="$cache/net-oci-$net_image_key.tar"
+  if [[ ! -s $net_image_tar ]]; then
+    log "building the net OCI image (busybox + iperf3, umoci)"
+    img_dir=$(mktemp -d)
+    mkdir -p "$img_dir"/rootfs/{bin,usr/bin,etc,root,tmp,proc,sys,dev,run,var}
+    cp "$busybox" "$img_dir/rootfs/bin/busybox"
+    for applet in $("$busybox" --list); do
+      [[ $applet == busybox ]] || ln -sf busybox "$img_dir/rootfs/bin/$applet"
+    done
+    # iperf3 with its own glibc under /opt/iperf3, started through that glibc's loader: no
+    # glibc in /lib, where the static busybox's NSS code would find (and crash on) it.
+    mkdir -p "$img_dir/rootfs/opt/iperf3/lib"
+    cp "$iperf3_bin" "$img_dir/rootfs/opt/iperf3/iperf3"
+    ldd "$iperf3_bin" | awk '/=> \// {print $3} /^\t\/lib64/ {print $1}' | while read -r lib; do
+      cp -L "$lib" "$img_dir/rootfs/opt/iperf3/lib/"
+    done
+    printf '#!/bin/sh\nexec /opt/iperf3/lib/ld-linux-x86-64.so.2 --library-path /opt/iperf3/lib /opt/iperf3/iperf3 "$@"\n' \
+      >"$img_dir/rootfs/usr/bin/iperf3"
+    chmod 755 "$img_dir/rootfs/usr/bin/iperf3"
+    echo 'root:x:0:0:root:/root:/bin/sh' >"$img_dir/rootfs/etc/passwd"
+    echo 'root:x:0:' >"$img_dir/rootfs/etc/group"
+    umoci init --layout "$img_dir/layout" >&2
+    umoci new --image "$img_dir/layout:latest" >&2
+    umoci insert --image "$img_dir/layout:latest" "$img_dir/rootfs" / >&2
+    umoci config --image "$img_dir/layout:latest" --config.cmd=/bin/sh \
+      --config.env=PATH=/usr/sbin:/usr/bin:/sbin:/bin --config.workingdir=/ >&2
+    umoci gc --layout "$img_dir/layout" >&2
+    tar -C "$img_dir/layout" -cf "$net_image_tar.tmp" .
+    mv "$net_image_tar.tmp" "$net_image_tar"
+    rm -rf "$img_dir"
+  fi
+  mkdir -p "$root/palisade/images"
+  cp "$net_image_tar" "$root/palisade/images/net.tar"
+  component net-tools ok "$(iperf3 --version | head -1)"
+else
+  component net-tools missing "$net_missing"
+fi
+# <<< net block -------------------------------------------------------------------------
 
 cp "$components" "$root/palisade/components"
 

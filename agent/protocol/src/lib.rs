@@ -6,7 +6,7 @@
 
 /// Protocol revision within `palisade.agent.v1`, reported by `Check`. Bumped for compatible
 /// additions; incompatible changes get a new proto package.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The vsock port the agent listens on by default.
 pub const DEFAULT_VSOCK_PORT: u32 = 1024;

@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod disk;
+pub mod network;
 pub mod process;
 pub mod stdio;
 pub mod vmm;
@@ -50,6 +51,7 @@ use tracing::{error, info, warn};
 use self::{
     agent::{deadline, long_poll},
     disk::Drives,
+    network::PodNetwork,
     process::{StdioUris, VmProcess},
     stdio::{Sink, StdinCopy, StreamOf},
     vmm::VmDir,
@@ -112,6 +114,10 @@ struct Vm {
     console_log: PathBuf,
     /// Why the VM died when it died under its tasks (see [`vmm::exit_reason`]).
     exit_reason: Mutex<Option<String>>,
+    /// The bundle of the container that booted the VM (holds the network record).
+    bundle: PathBuf,
+    /// The pod's network mirrored into the VM (a netns in the spec); taken at teardown.
+    network: Mutex<Option<PodNetwork>>,
 }
 
 impl Vm {
@@ -197,6 +203,7 @@ fn guest_spec(bundle: &Path) -> TaskResult<Vec<u8>> {
         .map_err(|e| TaskError::InvalidArgument(format!("reading {}: {e}", path.display())))?;
     let mut spec: serde_json::Value = serde_json::from_slice(&text)
         .map_err(|e| TaskError::InvalidArgument(format!("parsing {}: {e}", path.display())))?;
+    network::guest_network_namespace(&mut spec);
     if let Some(mounts) = spec.get_mut("mounts").and_then(|m| m.as_array_mut()) {
         mounts.retain(|m| {
             let is_bind = m.get("type").and_then(|t| t.as_str()) == Some("bind")
@@ -265,9 +272,35 @@ impl VmSandbox {
             .map_err(|e| TaskError::FailedPrecondition(e.to_string()))?;
         let dir = VmDir::create(&self.config.state_dir, &std::process::id().to_string())
             .map_err(|e| TaskError::Internal(e.to_string()))?;
-        match self.boot_in(&dir, id, bundle, rootfs).await {
+        // A network namespace in the spec (CNI pod, `ctr run --with-ns network:..`): mirror
+        // its interfaces to taps the VMM serves to the guest. None: no NIC, as before.
+        let mut network = match network::netns_of_bundle(bundle)
+            .map_err(|e| TaskError::InvalidArgument(e.to_string()))
+        {
+            Ok(Some(netns)) => match PodNetwork::setup_async(netns).await {
+                Ok(pod_network) => {
+                    if let Err(e) = pod_network.write_record(bundle) {
+                        warn!("{e}");
+                    }
+                    Some(pod_network)
+                }
+                Err(e) => {
+                    dir.remove();
+                    return Err(TaskError::Internal(e.to_string()));
+                }
+            },
+            Ok(None) => None,
+            Err(e) => {
+                dir.remove();
+                return Err(e);
+            }
+        };
+        match self.boot_in(&dir, id, bundle, rootfs, &mut network).await {
             Ok(vm) => Ok(vm),
             Err(e) => {
+                if let Some(network) = network {
+                    network.teardown_async(bundle).await;
+                }
                 dir.remove();
                 let _ = std::fs::remove_file(bundle.join(vmm::RECORD_FILE));
                 Err(e)
@@ -281,6 +314,7 @@ impl VmSandbox {
         id: &str,
         bundle: &Path,
         rootfs: &Path,
+        network: &mut Option<PodNetwork>,
     ) -> TaskResult<Arc<Vm>> {
         let started = std::time::Instant::now();
         let images: Vec<PathBuf> = (0..=self.config.spare_disks as usize)
@@ -302,6 +336,23 @@ impl VmSandbox {
         let image_ms = started.elapsed().as_millis();
 
         let mut cmd = vmm::command(&self.config, dir, &images, bundle);
+        if let Some(network) = network.as_ref() {
+            cmd.args(network.vmm_args());
+            // The VMM opens the taps by name in its own network namespace: the pod's.
+            if let Some(fd) = network.netns_fd() {
+                use std::os::unix::process::CommandExt;
+                // SAFETY: setns(2) is a plain syscall on an fd the shim keeps open until
+                // the child has exec'd; nothing is allocated in the forked child.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+            }
+        }
         // The VMM dies with the shim. The parent-death signal follows the forking
         // *thread*: this runs on the runtime's main thread (current-thread runtime),
         // which lives as long as the shim; the child guard keeps the reaper from
@@ -330,6 +381,10 @@ impl VmSandbox {
             let _guard = child_guard().await;
             vmm::spawn(cmd, bundle).map_err(|e| TaskError::Internal(e.to_string()))?
         };
+        if let Some(network) = network.as_mut() {
+            // The VMM is in the namespace now; the shim must not keep it alive.
+            network.release_netns();
+        }
         let mut drives = Drives::new(images);
         drives
             .claim(id)
@@ -372,6 +427,14 @@ impl VmSandbox {
                 )));
             }
         };
+        if let Some(network) = network.as_ref() {
+            if let Err(e) = network.configure_guest(&client, self.timeout()).await {
+                vmm::kill(pid);
+                let mut rx = exited.subscribe();
+                let _ = tokio::time::timeout(VM_STOP_TIMEOUT, rx.wait_for(|s| s.is_some())).await;
+                return Err(TaskError::Internal(e.to_string()));
+            }
+        }
         info!(
             pid,
             image_ms,
@@ -387,6 +450,8 @@ impl VmSandbox {
             stopping: std::sync::atomic::AtomicBool::new(false),
             console_log: bundle.join(vmm::CONSOLE_LOG),
             exit_reason: Mutex::new(None),
+            bundle: bundle.to_path_buf(),
+            network: Mutex::new(network.take()),
         });
         self.watch_vm(&vm);
         self.watch_oom(&vm);
@@ -404,6 +469,11 @@ impl VmSandbox {
             };
             if vm.stopping.load(std::sync::atomic::Ordering::SeqCst) {
                 return;
+            }
+            // The taps serve no one now.
+            let network = lock(&vm.network).take();
+            if let Some(network) = network {
+                network.teardown_async(&vm.bundle).await;
             }
             let Some(sandbox) = weak.upgrade() else {
                 return;
@@ -593,6 +663,10 @@ impl VmSandbox {
                     error!(pid = vm.pid, "the VMM did not exit after SIGKILL");
                 }
             }
+        }
+        let network = lock(&vm.network).take();
+        if let Some(network) = network {
+            network.teardown_async(bundle).await;
         }
         vm.dir.remove();
         let _ = std::fs::remove_file(bundle.join(vmm::RECORD_FILE));
