@@ -140,6 +140,7 @@ async fn delete(flags: &Flags) -> Result<()> {
     let bundle = bundle_dir(flags)?;
     // A VM-mode pod's VMM (if it outlived its shim) and VM state dir.
     sandbox::vm::vmm::cleanup_after_dead_shim(&bundle);
+    sandbox::vm::cgroup::cleanup_after_dead_shim(&bundle);
     let config = Config::load(None).context("loading the shim config")?;
     let engine = engine_from_config(&config, &flags.namespace)?;
     let id = flags.id.clone();
