@@ -30,7 +30,7 @@ out=${PALISADE_BUILD_DIR:-$repo/build}/test-host
 
 # Scenario order for `all`, with the time limit (s) the test host gives each one. Slow TCG:
 # one inner Linux boot costs ~5 s, a full containerd round ~30 s.
-scenarios_all=(smoke:180 boot:150 smp:120 container:150 lifecycle:180 ctr-vm:360 bench:300)
+scenarios_all=(smoke:180 boot:150 smp:120 container:150 lifecycle:180 ctr-vm:360 vm-ops:300 bench:300)
 host_boot_budget=120
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed 's/^# \{0,1\}//; /^set -euo/d'; }
