@@ -186,6 +186,12 @@ impl Containers {
             .ok_or_else(|| AgentError::NotFound(format!("container {id:?}")))
     }
 
+    /// Whether container `id` exists or is being created.
+    pub fn knows(&self, id: &str) -> bool {
+        let table = lock(&self.table);
+        table.live.contains_key(id) || table.reserved.contains(id)
+    }
+
     /// The process `exec_id` of container `id` (empty `exec_id`: the init).
     pub fn process(&self, id: &str, exec_id: &str) -> Result<Arc<Process>> {
         let c = self.container(id)?;

@@ -5,6 +5,7 @@
 //! setup, which is how its RPCs are tested without a VM.
 
 mod containers;
+mod copy;
 mod error;
 mod init;
 mod network;

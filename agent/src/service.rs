@@ -14,12 +14,15 @@ use ttrpc::r#async::TtrpcContext;
 
 use crate::{
     containers::Containers,
+    copy::Copies,
     error::{AgentError, Result},
     network, sandbox,
 };
 
 pub struct AgentService {
     containers: Arc<Containers>,
+    /// Host bind mounts copied in (CopyFile), next to `sandbox_dir`: `<state>/copies`.
+    copies: Arc<Copies>,
     sandbox_dir: PathBuf,
     /// PID 1 in a VM: DestroySandbox ends the VM.
     in_vm: bool,
@@ -27,8 +30,10 @@ pub struct AgentService {
 
 impl AgentService {
     pub fn new(containers: Arc<Containers>, sandbox_dir: PathBuf, in_vm: bool) -> Self {
+        let copies = Arc::new(Copies::new(sandbox_dir.with_file_name("copies")));
         Self {
             containers,
+            copies,
             sandbox_dir,
             in_vm,
         }
@@ -94,6 +99,10 @@ impl Agent for AgentService {
         _: DestroySandboxRequest,
     ) -> ttrpc::Result<Empty> {
         let result = self.containers.remove_all().await;
+        let copies = self.copies.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || copies.remove_all()).await {
+            tracing::warn!("removing copies: {e}");
+        }
         if self.in_vm {
             // Reply first, then end the VM.
             tokio::spawn(async {
@@ -119,8 +128,11 @@ impl Agent for AgentService {
                 pid,
                 ..Default::default()
             });
-        if let Ok(r) = &result {
-            tracing::info!(container = %id, pid = r.pid, "created");
+        match &result {
+            Ok(r) => tracing::info!(container = %id, pid = r.pid, "created"),
+            // Copies made for a container that did not come to be go with it.
+            Err(_) if !self.containers.knows(&id) => self.remove_copies(&id).await,
+            Err(_) => {}
         }
         reply("CreateContainer", result)
     }
@@ -296,6 +308,10 @@ impl Agent for AgentService {
         if result.is_ok() {
             tracing::info!(container = %req.container_id, "removed");
         }
+        // Also for an unknown container: the shim removes copies of a create it abandoned.
+        if result.is_ok() || !self.containers.knows(&req.container_id) {
+            self.remove_copies(&req.container_id).await;
+        }
         reply("RemoveContainer", empty(result))
     }
 
@@ -350,9 +366,46 @@ impl Agent for AgentService {
         .await;
         reply("UpdateRoutes", empty(result))
     }
+
+    async fn copy_file(
+        &self,
+        _: &TtrpcContext,
+        req: CopyFileRequest,
+    ) -> ttrpc::Result<CopyFileResponse> {
+        if self.containers.knows(&req.container_id) {
+            return reply(
+                "CopyFile",
+                Err(AgentError::FailedPrecondition(format!(
+                    "container {:?} already exists: copies are made before it is created",
+                    req.container_id
+                ))),
+            );
+        }
+        let copies = self.copies.clone();
+        let result = tokio::task::spawn_blocking(move || copies.copy(&req))
+            .await
+            .unwrap_or_else(|e| {
+                Err(AgentError::Io {
+                    context: "CopyFile".into(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            })
+            .map(|path| CopyFileResponse {
+                guest_path: path.display().to_string(),
+                ..Default::default()
+            });
+        reply("CopyFile", result)
+    }
 }
 
 impl AgentService {
+    async fn remove_copies(&self, container_id: &str) {
+        let (copies, id) = (self.copies.clone(), container_id.to_owned());
+        if let Err(e) = tokio::task::spawn_blocking(move || copies.remove(&id)).await {
+            tracing::warn!(container = %container_id, "removing copies: {e}");
+        }
+    }
+
     async fn read(&self, req: ReadStreamRequest, stderr: bool) -> Result<ReadStreamResponse> {
         let (data, eof) = self
             .containers

@@ -1156,3 +1156,156 @@ async fn network_interface_and_routes_are_applied_and_bad_input_refused() {
     assert!(link.contains("mtu 1450"), "{link}");
     assert_serving(&client).await;
 }
+
+fn copy_req(id: &str, name: &str, path: &str, kind: FileKind) -> CopyFileRequest {
+    CopyFileRequest {
+        container_id: id.into(),
+        name: name.into(),
+        path: path.into(),
+        kind: kind.into(),
+        mode: 0o644,
+        ..Default::default()
+    }
+}
+
+/// CopyFile (host bind mounts copied into the guest): a file and a tree with a symlink
+/// reach a container through bind mounts pointed at the copies, a read-only one stays
+/// read-only, hostile requests are refused without touching anything outside the copy,
+/// and the copies go with the container (also with one that was never created).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copied_bind_mounts_reach_the_container_and_hostile_copies_are_refused() {
+    let agent = Agent::start();
+    let client = agent.client().await;
+    let rootfs = agent.rootfs("rootfs-copy");
+    let id = "copy1";
+
+    let mut file = copy_req(id, "m0", "", FileKind::REGULAR);
+    file.data = b"127.0.0.1 copied\n".to_vec();
+    let hosts = client.copy_file(ctx(), &file).await.unwrap().guest_path;
+    let mut dir = copy_req(id, "m1", "", FileKind::DIRECTORY);
+    dir.mode = 0o755;
+    let tree = client.copy_file(ctx(), &dir).await.unwrap().guest_path;
+    let mut sub = copy_req(id, "m1", "..2024", FileKind::DIRECTORY);
+    sub.mode = 0o755;
+    client.copy_file(ctx(), &sub).await.unwrap();
+    // A file in two chunks.
+    let mut token = copy_req(id, "m1", "..2024/token", FileKind::REGULAR);
+    token.data = b"s3c".to_vec();
+    client.copy_file(ctx(), &token).await.unwrap();
+    token.offset = 3;
+    token.data = b"ret".to_vec();
+    client.copy_file(ctx(), &token).await.unwrap();
+    let mut link = copy_req(id, "m1", "token", FileKind::SYMLINK);
+    link.symlink_target = "..2024/token".into();
+    client.copy_file(ctx(), &link).await.unwrap();
+    let state = agent.dir.path().join("state");
+    assert!(Path::new(&hosts).starts_with(&state), "{hosts}");
+
+    // Hostile requests: each names the field, nothing is written outside the copies.
+    let outside = agent.dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let mut escape_link = copy_req(id, "m1", "escape", FileKind::SYMLINK);
+    escape_link.symlink_target = outside.display().to_string();
+    client.copy_file(ctx(), &escape_link).await.unwrap();
+    let hostile = [
+        (
+            copy_req(id, "m1", "../../outside/x", FileKind::REGULAR),
+            "path",
+        ),
+        (copy_req(id, "m1", "/etc/passwd", FileKind::REGULAR), "path"),
+        (copy_req(id, "../m", "", FileKind::REGULAR), "name"),
+        (
+            copy_req("../x", "m0", "", FileKind::REGULAR),
+            "container_id",
+        ),
+        // Through the symlink the copy holds: never followed.
+        (copy_req(id, "m1", "escape/x", FileKind::REGULAR), "escape"),
+        (copy_req(id, "m1", "escape", FileKind::REGULAR), "escape"),
+        (copy_req(id, "m1", "", FileKind::SYMLINK), "kind"),
+    ];
+    for (req, needle) in hostile {
+        let result = client.copy_file(ctx(), &req).await;
+        match &result {
+            Err(ttrpc::Error::RpcStatus(s)) => {
+                assert!(s.message().contains(needle), "{req:?}: {}", s.message())
+            }
+            other => panic!("{req:?} accepted: {other:?}"),
+        }
+    }
+    let mut big = copy_req(id, "m2", "", FileKind::REGULAR);
+    big.data = vec![b'x'; (1 << 20) + 1];
+    assert_status(
+        client.copy_file(ctx(), &big).await,
+        Code::INVALID_ARGUMENT,
+        "data",
+    );
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+    assert_serving(&client).await;
+
+    let mut spec: serde_json::Value = serde_json::from_slice(&spec(
+        id,
+        &[
+            "sh",
+            "-c",
+            "cat /etc/hosts; cat /run/secret/token; echo; echo x >/etc/hosts || echo ro-refused",
+        ],
+        false,
+    ))
+    .unwrap();
+    spec["mounts"].as_array_mut().unwrap().extend([
+        json!({"destination": "/etc/hosts", "type": "bind", "source": hosts,
+               "options": ["rbind", "ro"]}),
+        json!({"destination": "/run/secret", "type": "bind", "source": tree,
+               "options": ["rbind", "ro"]}),
+    ]);
+    let mut create = create_request(id, &rootfs, &[], false);
+    create.spec_json = serde_json::to_vec(&spec).unwrap();
+    client.create_container(ctx(), &create).await.unwrap();
+    // Copies for an existing container are refused.
+    assert_status(
+        client
+            .copy_file(ctx(), &copy_req(id, "m9", "", FileKind::REGULAR))
+            .await,
+        Code::FAILED_PRECONDITION,
+        "already exists",
+    );
+    client
+        .start_container(ctx(), &container_req(id))
+        .await
+        .unwrap();
+    let out = read_all(&client, id, "", false).await;
+    assert_eq!(wait(&client, id, "").await, 0);
+    assert_eq!(out, "127.0.0.1 copied\ns3cret\nro-refused\n");
+    client
+        .remove_container(
+            ctx(),
+            &RemoveContainerRequest {
+                container_id: id.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(!Path::new(&hosts).exists() && !Path::new(&tree).exists());
+
+    // Copies of a create the shim abandoned go with RemoveContainer (NOT_FOUND).
+    let orphan = client
+        .copy_file(ctx(), &copy_req("never", "m0", "", FileKind::REGULAR))
+        .await
+        .unwrap()
+        .guest_path;
+    assert!(Path::new(&orphan).exists());
+    let removed = client
+        .remove_container(
+            ctx(),
+            &RemoveContainerRequest {
+                container_id: "never".into(),
+                force: true,
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_status(removed, Code::NOT_FOUND, "never");
+    assert!(!Path::new(&orphan).exists());
+    assert_serving(&client).await;
+}

@@ -162,6 +162,12 @@ pub struct VmConfig {
     pub spare_disks: u32,
     /// Size of a spare drive (sparse file); a later container's rootfs must fit.
     pub disk_size_mib: u64,
+    /// Put the VMM in a cgroup of its own (under the pod's cgroup parent).
+    pub vmm_cgroup: bool,
+    /// With `vmm_cgroup`: limit the VMM's memory to `memory_mib` + this; 0 = no limit.
+    /// Mind that guest writes to the drive images (files in `state_dir`, tmpfs on most
+    /// hosts) are charged to the VMM too.
+    pub vmm_cgroup_memory_overhead_mib: u64,
 }
 
 impl Default for VmConfig {
@@ -178,6 +184,8 @@ impl Default for VmConfig {
             state_dir: PathBuf::from("/run/palisade/vm"),
             spare_disks: 3,
             disk_size_mib: 512,
+            vmm_cgroup: true,
+            vmm_cgroup_memory_overhead_mib: 0,
         }
     }
 }

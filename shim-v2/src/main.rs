@@ -140,6 +140,7 @@ async fn delete(flags: &Flags) -> Result<()> {
     let bundle = bundle_dir(flags)?;
     // A VM-mode pod's VMM (if it outlived its shim) and VM state dir.
     sandbox::vm::vmm::cleanup_after_dead_shim(&bundle);
+    sandbox::vm::cgroup::cleanup_after_dead_shim(&bundle);
     // Its taps and tc mirroring in the pod's netns, if that still exists.
     let net_bundle = bundle.clone();
     tokio::task::spawn_blocking(move || sandbox::vm::network::cleanup_after_dead_shim(&net_bundle))

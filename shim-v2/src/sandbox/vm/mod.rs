@@ -8,7 +8,9 @@
 //! shim (`PR_SET_PDEATHSIG`), so a killed shim leaves no VM running.
 
 pub mod agent;
+pub mod cgroup;
 pub mod disk;
+pub mod mounts;
 pub mod network;
 pub mod process;
 pub mod stdio;
@@ -118,6 +120,8 @@ struct Vm {
     bundle: PathBuf,
     /// The pod's network mirrored into the VM (a netns in the spec); taken at teardown.
     network: Mutex<Option<PodNetwork>>,
+    /// The VMM's own cgroup, removed with the VM.
+    cgroup: Option<cgroup::VmmCgroup>,
 }
 
 impl Vm {
@@ -195,32 +199,27 @@ fn validate_id(what: &str, id: &str) -> TaskResult<()> {
     Ok(())
 }
 
-/// The bundle's spec for the guest: bind mounts of host paths cannot reach the guest (no
-/// shared filesystem yet), so they are dropped with a warning naming them.
-fn guest_spec(bundle: &Path) -> TaskResult<Vec<u8>> {
+/// The bundle's spec, to be sent to the guest once its bind mounts point at their guest
+/// copies (see [`mounts`]).
+fn guest_spec(bundle: &Path) -> TaskResult<serde_json::Value> {
     let path = bundle.join("config.json");
     let text = std::fs::read(&path)
         .map_err(|e| TaskError::InvalidArgument(format!("reading {}: {e}", path.display())))?;
     let mut spec: serde_json::Value = serde_json::from_slice(&text)
         .map_err(|e| TaskError::InvalidArgument(format!("parsing {}: {e}", path.display())))?;
     network::guest_network_namespace(&mut spec);
-    if let Some(mounts) = spec.get_mut("mounts").and_then(|m| m.as_array_mut()) {
-        mounts.retain(|m| {
-            let is_bind = m.get("type").and_then(|t| t.as_str()) == Some("bind")
-                || m.get("options")
-                    .and_then(|o| o.as_array())
-                    .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"));
-            if is_bind {
-                warn!(
-                    destination = %m.get("destination").and_then(|d| d.as_str()).unwrap_or(""),
-                    source = %m.get("source").and_then(|d| d.as_str()).unwrap_or(""),
-                    "host bind mounts do not reach the guest in VM mode; dropped"
-                );
-            }
-            !is_bind
-        });
+    Ok(spec)
+}
+
+/// Removes the VMM's cgroup (after the VMM exited), off the async workers.
+async fn destroy_cgroup(cgroup: Option<cgroup::VmmCgroup>, bundle: &Path) {
+    let Some(cgroup) = cgroup else {
+        return;
+    };
+    let bundle = bundle.to_path_buf();
+    if let Err(e) = tokio::task::spawn_blocking(move || cgroup.destroy(&bundle)).await {
+        warn!("removing the VMM's cgroup: {e}");
     }
-    serde_json::to_vec(&spec).map_err(|e| TaskError::Internal(e.to_string()))
 }
 
 impl VmSandbox {
@@ -270,8 +269,14 @@ impl VmSandbox {
     async fn boot(&self, id: &str, bundle: &Path, rootfs: &Path) -> TaskResult<Arc<Vm>> {
         vmm::check_config(&self.config)
             .map_err(|e| TaskError::FailedPrecondition(e.to_string()))?;
-        let dir = VmDir::create(&self.config.state_dir, &std::process::id().to_string())
-            .map_err(|e| TaskError::Internal(e.to_string()))?;
+        let cgroup = self.vmm_cgroup(id, bundle).await?;
+        let dir = match VmDir::create(&self.config.state_dir, &std::process::id().to_string()) {
+            Ok(dir) => dir,
+            Err(e) => {
+                destroy_cgroup(cgroup, bundle).await;
+                return Err(TaskError::Internal(e.to_string()));
+            }
+        };
         // A network namespace in the spec (CNI pod, `ctr run --with-ns network:..`): mirror
         // its interfaces to taps the VMM serves to the guest. None: no NIC, as before.
         let mut network = match network::netns_of_bundle(bundle)
@@ -285,27 +290,63 @@ impl VmSandbox {
                     Some(pod_network)
                 }
                 Err(e) => {
+                    destroy_cgroup(cgroup, bundle).await;
                     dir.remove();
                     return Err(TaskError::Internal(e.to_string()));
                 }
             },
             Ok(None) => None,
             Err(e) => {
+                destroy_cgroup(cgroup, bundle).await;
                 dir.remove();
                 return Err(e);
             }
         };
-        match self.boot_in(&dir, id, bundle, rootfs, &mut network).await {
+        match self
+            .boot_in(&dir, id, bundle, rootfs, cgroup.clone(), &mut network)
+            .await
+        {
             Ok(vm) => Ok(vm),
             Err(e) => {
                 if let Some(network) = network {
                     network.teardown_async(bundle).await;
                 }
+                destroy_cgroup(cgroup, bundle).await;
                 dir.remove();
                 let _ = std::fs::remove_file(bundle.join(vmm::RECORD_FILE));
                 Err(e)
             }
         }
+    }
+
+    /// Creates the VMM's cgroup (see [`cgroup`]) unless the config turns it off.
+    async fn vmm_cgroup(&self, id: &str, bundle: &Path) -> TaskResult<Option<cgroup::VmmCgroup>> {
+        if !self.config.vmm_cgroup {
+            return Ok(None);
+        }
+        let spec = guest_spec(bundle)?;
+        let container_path = spec
+            .pointer("/linux/cgroupsPath")
+            .and_then(|p| p.as_str())
+            .map(str::to_owned);
+        let path = cgroup::vmm_cgroups_path(container_path.as_deref(), id);
+        let (config, bundle) = (self.config.clone(), bundle.to_path_buf());
+        let created = tokio::task::spawn_blocking(move || {
+            let cgroup = cgroup::VmmCgroup::create(&config, &path)?;
+            if let Err(e) = cgroup.write_record(&bundle) {
+                cgroup.destroy(&bundle);
+                return Err(cgroup::VmmCgroupError::Other {
+                    path,
+                    why: format!("recording it in the bundle: {e}"),
+                });
+            }
+            Ok(cgroup)
+        })
+        .await
+        .map_err(|e| TaskError::Internal(e.to_string()))?
+        .map_err(|e| TaskError::FailedPrecondition(e.to_string()))?;
+        info!(cgroup = created.path(), "VMM cgroup created");
+        Ok(Some(created))
     }
 
     async fn boot_in(
@@ -314,6 +355,7 @@ impl VmSandbox {
         id: &str,
         bundle: &Path,
         rootfs: &Path,
+        cgroup: Option<cgroup::VmmCgroup>,
         network: &mut Option<PodNetwork>,
     ) -> TaskResult<Arc<Vm>> {
         let started = std::time::Instant::now();
@@ -376,6 +418,11 @@ impl VmSandbox {
                     Ok(())
                 });
             }
+        }
+        if let Some(cgroup) = &cgroup {
+            cgroup
+                .join_on_exec(&mut cmd)
+                .map_err(|e| TaskError::Internal(e.to_string()))?;
         }
         let pid = {
             let _guard = child_guard().await;
@@ -452,6 +499,7 @@ impl VmSandbox {
             exit_reason: Mutex::new(None),
             bundle: bundle.to_path_buf(),
             network: Mutex::new(network.take()),
+            cgroup,
         });
         self.watch_vm(&vm);
         self.watch_oom(&vm);
@@ -668,6 +716,7 @@ impl VmSandbox {
         if let Some(network) = network {
             network.teardown_async(bundle).await;
         }
+        destroy_cgroup(vm.cgroup.clone(), bundle).await;
         vm.dir.remove();
         let _ = std::fs::remove_file(bundle.join(vmm::RECORD_FILE));
         info!(pid = vm.pid, "microVM removed");
@@ -690,7 +739,16 @@ impl Sandbox for VmSandbox {
             ));
         }
         let bundle = PathBuf::from(&req.bundle);
-        let spec = guest_spec(&bundle)?;
+        let mut spec = guest_spec(&bundle)?;
+        // Read the bind mounts' host side before booting anything: a mount that cannot be
+        // copied fails the create up front.
+        let copies = {
+            let (spec, bundle) = (spec.clone(), bundle.clone());
+            tokio::task::spawn_blocking(move || mounts::collect(&spec, &bundle))
+                .await
+                .map_err(|e| TaskError::Internal(e.to_string()))?
+                .map_err(|e| TaskError::InvalidArgument(e.to_string()))?
+        };
         // The rootfs is mounted on the host only while its image is written.
         let mounted = rootfs::mount(&bundle, &req.rootfs)
             .await
@@ -711,21 +769,39 @@ impl Sandbox for VmSandbox {
         let mut rootfs_storage = Storage::new();
         rootfs_storage.source = Some(storage::Source::BlockDevice(device));
         rootfs_storage.fstype = "ext4".into();
-        let request = CreateContainerRequest {
-            container_id: req.id.clone(),
-            spec_json: spec,
-            rootfs: MessageField::some(rootfs_storage),
-            stdin: !req.stdin.is_empty(),
-            ..Default::default()
-        };
-        let created = vm
-            .agent
-            .create_container(deadline(self.timeout()), &request)
-            .await
-            .map_err(|e| agent_error("CreateContainer", e));
+        let created = async {
+            let sources =
+                mounts::copy_into_guest(&vm.agent, self.timeout(), &req.id, &copies).await?;
+            mounts::rewrite(&mut spec, &sources);
+            let request = CreateContainerRequest {
+                container_id: req.id.clone(),
+                spec_json: serde_json::to_vec(&spec)
+                    .map_err(|e| TaskError::Internal(e.to_string()))?,
+                rootfs: MessageField::some(rootfs_storage),
+                stdin: !req.stdin.is_empty(),
+                ..Default::default()
+            };
+            vm.agent
+                .create_container(deadline(self.timeout()), &request)
+                .await
+                .map_err(|e| agent_error("CreateContainer", e))
+        }
+        .await;
         let pid = match created {
             Ok(response) => response.pid,
             Err(e) => {
+                if !copies.is_empty() {
+                    // Drops the copies of a container that was not created (NOT_FOUND).
+                    let request = RemoveContainerRequest {
+                        container_id: req.id.clone(),
+                        force: true,
+                        ..Default::default()
+                    };
+                    let _ = vm
+                        .agent
+                        .remove_container(deadline(self.timeout()), &request)
+                        .await;
+                }
                 lock(&vm.drives).release(&req.id);
                 if self.containers().is_empty() {
                     self.destroy_vm(&bundle).await;
@@ -1247,27 +1323,25 @@ mod tests {
     }
 
     #[test]
-    fn host_bind_mounts_are_dropped_from_the_guest_spec() {
+    fn the_guest_spec_keeps_bind_mounts_and_names_bad_json() {
         let bundle = tempfile::tempdir().unwrap();
         std::fs::write(
             bundle.path().join("config.json"),
             r#"{"ociVersion":"1.0.2","mounts":[
                 {"destination":"/proc","type":"proc","source":"proc"},
-                {"destination":"/etc/hosts","type":"bind","source":"/etc/hosts","options":["rbind"]},
-                {"destination":"/data","source":"/srv","options":["rbind","ro"]}
+                {"destination":"/etc/hosts","type":"bind","source":"/etc/hosts","options":["rbind"]}
             ]}"#,
         )
         .unwrap();
-        let spec: serde_json::Value =
-            serde_json::from_slice(&guest_spec(bundle.path()).unwrap()).unwrap();
-        let mounts = spec["mounts"].as_array().unwrap();
-        assert_eq!(mounts.len(), 1);
-        assert_eq!(mounts[0]["destination"], "/proc");
+        let spec = guest_spec(bundle.path()).unwrap();
+        assert_eq!(spec["mounts"].as_array().unwrap().len(), 2);
+        assert!(mounts::is_bind(&spec["mounts"][1]));
         std::fs::write(bundle.path().join("config.json"), "{").unwrap();
-        assert!(matches!(
-            guest_spec(bundle.path()),
-            Err(TaskError::InvalidArgument(_))
-        ));
+        let err = guest_spec(bundle.path()).unwrap_err();
+        assert!(
+            matches!(&err, TaskError::InvalidArgument(m) if m.contains("config.json")),
+            "{err}"
+        );
     }
 
     #[test]
