@@ -75,10 +75,20 @@ impl Agent {
     }
 
     async fn client(&self) -> AgentClient {
-        let client = ttrpc::r#async::Client::connect(&format!("unix://{}", self.socket.display()))
-            .await
-            .expect("connecting to the agent");
-        AgentClient::new(client)
+        // The socket file appears at bind(2), a moment before the agent listens: retry a
+        // refused connection for a while (seen under load), then fail naming the error.
+        let address = format!("unix://{}", self.socket.display());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match ttrpc::r#async::Client::connect(&address).await {
+                Ok(client) => return AgentClient::new(client),
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("connecting to the agent: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("connecting to the agent at {address}: {e}"),
+            }
+        }
     }
 
     /// A busybox rootfs directory.
