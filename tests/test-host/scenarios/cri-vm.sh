@@ -54,19 +54,7 @@ fi
 ip link set lo up
 [ -f /etc/hosts ] || echo "127.0.0.1 localhost" >/etc/hosts
 [ -f /etc/resolv.conf ] || : >/etc/resolv.conf
-cat >"$d/config.toml" <<TOML
-version = 2
-root = "$d/root"
-state = "$d/state"
-disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs", "io.containerd.tracing.processor.v1.otlp"]
-[grpc]
-  address = "$d/containerd.sock"
-[ttrpc]
-  address = "$d/containerd.sock.ttrpc"
-[debug]
-  level = "debug"
-[metrics]
-  address = ""
+containerd_config "$d" debug "$(cat <<TOML
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "$PAUSE_IMAGE"
   stream_server_address = "127.0.0.1"
@@ -83,6 +71,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     bin_dir = "$WORK/no-cni"
     conf_dir = "$WORK/no-cni"
 TOML
+)"
 # The shipped handler snippet, as an operator merges it (its `version` line is ours).
 grep -v '^version' /palisade/deploy/config-1.6.toml >>"$d/config.toml"
 

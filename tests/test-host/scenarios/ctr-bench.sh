@@ -55,18 +55,7 @@ default_mode = "native"
 engine = "library"
 runtime_root = "/run/palisade-bench"
 TOML
-cat >"$d/config.toml" <<TOML
-version = 2
-root = "$d/root"
-state = "$d/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs", "io.containerd.tracing.processor.v1.otlp"]
-[grpc]
-  address = "$d/containerd.sock"
-[ttrpc]
-  address = "$d/containerd.sock.ttrpc"
-[metrics]
-  address = ""
-TOML
+containerd_config "$d" info
 
 containerd --config "$d/config.toml" >"$WORK/containerd.log" 2>&1 &
 CONTAINERD_PID=$!

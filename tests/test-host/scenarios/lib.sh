@@ -155,6 +155,30 @@ progress() { echo "PALISADE-PROGRESS $SCENARIO $(cut -d' ' -f1 /proc/uptime)s $*
 # (PALISADE-REL <part> cycles=<n> faults=<n> inputs=<n> leaks=<n>, any subset of keys).
 rel() { echo "PALISADE-REL $*"; }
 
+# containerd_config DIR [LOG_LEVEL] [CRI_SECTION]: writes DIR/config.toml for a private
+# containerd (root, state and sockets under DIR, no metrics; log level default debug, where
+# the shim's own log lines land too). The CRI plugin is disabled unless CRI_SECTION (its
+# `[plugins."io.containerd.grpc.v1.cri"]` TOML) is given.
+containerd_config() {
+  cri_disabled='"io.containerd.grpc.v1.cri", '
+  [ -z "${3:-}" ] || cri_disabled=
+  cat >"$1/config.toml" <<TOML
+version = 2
+root = "$1/root"
+state = "$1/state"
+disabled_plugins = [${cri_disabled}"io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs", "io.containerd.tracing.processor.v1.otlp"]
+[grpc]
+  address = "$1/containerd.sock"
+[ttrpc]
+  address = "$1/containerd.sock.ttrpc"
+[debug]
+  level = "${2:-debug}"
+[metrics]
+  address = ""
+${3:-}
+TOML
+}
+
 # --- containerd in VM mode (the shim's VM sandbox) ----------------------------------------
 # vm_containerd_start: a private containerd under $WORK/containerd, the shim configured for VM
 # mode ($VM_SHIM_CONFIG), the busybox image imported. Defines ctr (stdin from /dev/null: the
@@ -180,20 +204,7 @@ boot_timeout_secs = ${VM_BOOT_TIMEOUT:-240}
 state_dir = "/run/palisade/vm"
 spare_disks = 1
 TOML
-  cat >"$CTRD_DIR/config.toml" <<TOML
-version = 2
-root = "$CTRD_DIR/root"
-state = "$CTRD_DIR/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs", "io.containerd.tracing.processor.v1.otlp"]
-[grpc]
-  address = "$CTRD_DIR/containerd.sock"
-[ttrpc]
-  address = "$CTRD_DIR/containerd.sock.ttrpc"
-[debug]
-  level = "debug"
-[metrics]
-  address = ""
-TOML
+  containerd_config "$CTRD_DIR"
   # The shim's own log goes to containerd's log (debug level).
   containerd --config "$CTRD_DIR/config.toml" >"$WORK/containerd.log" 2>&1 &
   CONTAINERD_PID=$!
