@@ -81,9 +81,10 @@ fi
 built=$(date +%s)
 
 # boot_host SCENARIO...: boots L1 once for these scenarios and streams its serial log into
-# $log. Sets $log, $qemu_rc and $wedged (1 when L1's own kernel reported a soft lockup).
+# $log. Sets $log, $qemu_rc and $wedged (1 when L1 froze or its kernel reported a soft
+# lockup).
 boot_host() {
-  local scenarios=("$@") s l spec= total_limit=$host_boot_budget silence_limit=60 pidfile watchdog
+  local scenarios=("$@") s spec= total_limit=$host_boot_budget silence_limit pidfile watchdog
   # Kernel command line: palisade.scenarios=name:limit,...  (the init applies the limits).
   for s in "${scenarios[@]}"; do
     spec+="${spec:+,}$s:$(limit_of "$s")"
@@ -101,16 +102,13 @@ boot_host() {
 
   echo "run.sh: booting the test host (QEMU TCG, -cpu max) for: ${scenarios[*]} (limit ${total_limit}s)"
   echo "run.sh: serial log: $log"
-  # Silence watchdog: the test host prints at least once per scenario, so no serial output for
-  # longer than the longest scenario limit (+60 s) means L1 itself is wedged. Stop it then
-  # instead of waiting for the total limit. Likewise when L1's kernel reports a soft lockup:
-  # a CPU of the test host is stuck for good (seen with a KVM vCPU thread that never returned
-  # from its first KVM_RUN under nested SVM on TCG, at high host load), so nothing after it
-  # can pass.
-  for s in "${scenarios[@]}"; do
-    l=$(limit_of "$s")
-    ((l + 60 > silence_limit)) && silence_limit=$((l + 60))
-  done
+  # Wedge watchdog. L1's init prints a heartbeat every 30 s, so 120 s without any serial
+  # output means L1 itself froze (seen a few times at high host load, nothing printed after,
+  # not even its kernel's watchdogs). A soft lockup reported by L1's kernel means a CPU of the
+  # test host is stuck for good (seen: a KVM vCPU thread that never returned from its first
+  # KVM_RUN under nested SVM on TCG). Either way nothing after it can pass: stop L1 then
+  # instead of waiting for the total limit; the caller boots a fresh one once.
+  silence_limit=120
   pidfile="$out/qemu.pid"
   rm -f "$pidfile" "$out/wedged"
   : >"$log"
@@ -122,6 +120,7 @@ boot_host() {
       age=$(($(date +%s) - $(stat -c %Y "$log")))
       if ((age > silence_limit)); then
         echo "run.sh: no serial output for ${age} s (limit ${silence_limit} s): the test host is wedged; stopping it"
+        touch "$out/wedged"
         kill "$pid"
         exit 0
       fi
@@ -190,12 +189,12 @@ boot_host "${selected[@]}"
 verdict "${selected[@]}"
 all_passed=("${passed[@]}")
 all_skipped=("${skipped[@]}")
-# A wedged test host (its own kernel's soft lockup; see boot_host) says nothing about the
+# A wedged test host (frozen, or its own kernel's soft lockup; see boot_host) says nothing about the
 # scenarios that were cut short: boot a fresh one, once, for every scenario that did not pass,
 # and say so. A second wedge or any real failure stays a failure.
 if ((wedged)) && ((${#failed[@]})); then
   echo
-  echo "run.sh: RETRY the test host wedged (soft lockup in its kernel); booting a fresh one once for: ${failed[*]}"
+  echo "run.sh: RETRY the test host wedged (frozen or a soft lockup in its kernel); booting a fresh one once for: ${failed[*]}"
   retry=("${failed[@]}")
   boot_host "${retry[@]}"
   verdict "${retry[@]}"
