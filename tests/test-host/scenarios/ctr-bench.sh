@@ -33,20 +33,7 @@ budget_s=${budget_s:-150}
 IMAGE=docker.io/palisade/busybox:latest
 d=$WORK/containerd
 mkdir -p "$d"
-cat >"$WORK/vm.toml" <<TOML
-[shim]
-default_mode = "vm"
-
-[vm]
-vmm = "/palisade/bin/palisade-vmm"
-kernel = "$GUEST_DIR/vmlinux"
-initramfs = "$GUEST_DIR/initramfs.cpio.gz"
-vcpus = 1
-memory_mib = $GUEST_MEM_MIB
-boot_timeout_secs = 90
-state_dir = "/run/palisade/vm"
-spare_disks = 0
-TOML
+vm_shim_config "$WORK/vm.toml" 90 0
 cat >"$WORK/native.toml" <<TOML
 [shim]
 default_mode = "native"

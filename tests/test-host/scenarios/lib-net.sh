@@ -16,19 +16,7 @@ NET_IMAGE=docker.io/palisade/net:latest
 net_containerd_start() {
   d=$WORK/containerd
   mkdir -p "$d"
-  cat >"$WORK/vm.toml" <<TOML
-[shim]
-default_mode = "vm"
-
-[vm]
-vmm = "/palisade/bin/palisade-vmm"
-kernel = "$GUEST_DIR/vmlinux"
-initramfs = "$GUEST_DIR/initramfs.cpio.gz"
-vcpus = 1
-memory_mib = $GUEST_MEM_MIB
-boot_timeout_secs = 90
-state_dir = "/run/palisade/vm"
-TOML
+  vm_shim_config "$WORK/vm.toml" 90
   containerd_config "$d"
   containerd --config "$d/config.toml" >"$WORK/containerd.log" 2>&1 &
   CONTAINERD_PID=$!

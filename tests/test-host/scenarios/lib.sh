@@ -155,6 +155,26 @@ progress() { echo "PALISADE-PROGRESS $SCENARIO $(cut -d' ' -f1 /proc/uptime)s $*
 # (PALISADE-REL <part> cycles=<n> faults=<n> inputs=<n> leaks=<n>, any subset of keys).
 rel() { echo "PALISADE-REL $*"; }
 
+# vm_shim_config FILE BOOT_TIMEOUT_S [SPARE_DISKS]: the shim's configuration.toml for VM mode
+# with the test host's VMM and guest (1 vCPU, $GUEST_MEM_MIB); SPARE_DISKS omitted: the
+# shim's default.
+vm_shim_config() {
+  cat >"$1" <<TOML
+[shim]
+default_mode = "vm"
+
+[vm]
+vmm = "/palisade/bin/palisade-vmm"
+kernel = "$GUEST_DIR/vmlinux"
+initramfs = "$GUEST_DIR/initramfs.cpio.gz"
+vcpus = 1
+memory_mib = $GUEST_MEM_MIB
+boot_timeout_secs = $2
+state_dir = "/run/palisade/vm"
+${3:+spare_disks = $3}
+TOML
+}
+
 # containerd_config DIR [LOG_LEVEL] [CRI_SECTION]: writes DIR/config.toml for a private
 # containerd (root, state and sockets under DIR, no metrics; log level default debug, where
 # the shim's own log lines land too). The CRI plugin is disabled unless CRI_SECTION (its
@@ -190,20 +210,7 @@ vm_containerd_start() {
   CTRD_DIR=$WORK/containerd
   VM_SHIM_CONFIG=$WORK/palisade.toml
   mkdir -p "$CTRD_DIR"
-  cat >"$VM_SHIM_CONFIG" <<TOML
-[shim]
-default_mode = "vm"
-
-[vm]
-vmm = "/palisade/bin/palisade-vmm"
-kernel = "$GUEST_DIR/vmlinux"
-initramfs = "$GUEST_DIR/initramfs.cpio.gz"
-vcpus = 1
-memory_mib = $GUEST_MEM_MIB
-boot_timeout_secs = ${VM_BOOT_TIMEOUT:-240}
-state_dir = "/run/palisade/vm"
-spare_disks = 1
-TOML
+  vm_shim_config "$VM_SHIM_CONFIG" "${VM_BOOT_TIMEOUT:-240}" 1
   containerd_config "$CTRD_DIR"
   # The shim's own log goes to containerd's log (debug level).
   containerd --config "$CTRD_DIR/config.toml" >"$WORK/containerd.log" 2>&1 &

@@ -19,20 +19,7 @@ IMAGE=docker.io/palisade/busybox:latest
 d=$WORK/containerd
 mkdir -p "$d"
 cfg=$WORK/palisade.toml
-cat >"$cfg" <<TOML
-[shim]
-default_mode = "vm"
-
-[vm]
-vmm = "/palisade/bin/palisade-vmm"
-kernel = "$GUEST_DIR/vmlinux"
-initramfs = "$GUEST_DIR/initramfs.cpio.gz"
-vcpus = 1
-memory_mib = $GUEST_MEM_MIB
-boot_timeout_secs = 90
-state_dir = "/run/palisade/vm"
-spare_disks = 0
-TOML
+vm_shim_config "$cfg" 90 0
 containerd_config "$d"
 
 containerd --config "$d/config.toml" >"$WORK/containerd.log" 2>&1 &
