@@ -170,6 +170,16 @@ impl Interrupt {
         }
     }
 
+    /// Raise a used-ring interrupt after the `device` completed buffers. A failure is only
+    /// logged: the device goes on, and the driver still finds the buffers when it next looks
+    /// (a guest never makes an eventfd write fail; only the host running out of something
+    /// can).
+    pub fn signal_used(&self, device: &str) {
+        if let Err(e) = self.trigger(InterruptKind::UsedRing) {
+            tracing::warn!("{device}: cannot raise interrupt: {e}");
+        }
+    }
+
     /// The `InterruptStatus` register.
     pub fn status(&self) -> u32 {
         self.inner.status.load(Ordering::SeqCst)

@@ -20,9 +20,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::{Queue, QueueT};
 
-use super::device::{
-    copy_config, ActivateError, Activation, Interrupt, InterruptKind, VirtioDevice,
-};
+use super::device::{copy_config, ActivateError, Activation, Interrupt, VirtioDevice};
 use crate::event_loop::EventLoopCtl;
 use crate::memory::GuestMemoryMmap;
 use request::Disk;
@@ -242,9 +240,7 @@ impl VirtioDevice for BlockDevice {
             completed = true;
         }
         if completed {
-            if let Err(e) = active.interrupt.trigger(InterruptKind::UsedRing) {
-                warn!("virtio-blk: cannot raise interrupt: {e}");
-            }
+            active.interrupt.signal_used("virtio-blk");
         }
     }
 }

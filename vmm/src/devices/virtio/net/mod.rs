@@ -37,9 +37,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::device::{
-    copy_config, ActivateError, Activation, Interrupt, InterruptKind, VirtioDevice,
-};
+use super::device::{copy_config, ActivateError, Activation, Interrupt, VirtioDevice};
 use crate::event_loop::EventLoopCtl;
 use crate::memory::GuestMemoryMmap;
 use frame::{tun_offload, RxPlacement};
@@ -320,7 +318,7 @@ impl NetDevice {
             }
         }
         if completed > 0 {
-            signal(&active.interrupt);
+            active.interrupt.signal_used("virtio-net");
         }
         for (head, e) in problems.into_iter().take(4) {
             self.guest_warn(format_args!("dropped transmit chain {head}: {e}"));
@@ -400,7 +398,7 @@ impl NetDevice {
             delivered += 1;
         }
         if completed {
-            signal(&active.interrupt);
+            active.interrupt.signal_used("virtio-net");
         }
         // Frames still waiting and no buffer: stop watching the tap (level-triggered, it
         // would wake us for nothing) until the guest posts buffers.
@@ -437,12 +435,6 @@ fn avail_index_sane(queue: &Queue, mem: &GuestMemoryMmap) -> Result<(), String> 
         ));
     }
     Ok(())
-}
-
-fn signal(interrupt: &Interrupt) {
-    if let Err(e) = interrupt.trigger(InterruptKind::UsedRing) {
-        warn!("virtio-net: cannot raise interrupt: {e}");
-    }
 }
 
 impl VirtioDevice for NetDevice {

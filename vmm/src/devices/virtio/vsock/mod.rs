@@ -24,9 +24,7 @@ use virtio_queue::{Queue, QueueT};
 use virtio_vsock::packet::VsockPacket;
 use vmm_sys_util::epoll::EventSet;
 
-use super::device::{
-    copy_config, ActivateError, Activation, Interrupt, InterruptKind, VirtioDevice,
-};
+use super::device::{copy_config, ActivateError, Activation, Interrupt, VirtioDevice};
 use crate::event_loop::EventLoopCtl;
 use crate::memory::GuestMemoryMmap;
 use muxer::Muxer;
@@ -163,7 +161,7 @@ impl VsockDevice {
             completed = true;
         }
         if completed {
-            signal(&active.interrupt);
+            active.interrupt.signal_used("vsock");
         }
         blocked
     }
@@ -206,15 +204,9 @@ impl VsockDevice {
             completed = true;
         }
         if completed {
-            signal(&active.interrupt);
+            active.interrupt.signal_used("vsock");
         }
         delivered
-    }
-}
-
-fn signal(interrupt: &Interrupt) {
-    if let Err(e) = interrupt.trigger(InterruptKind::UsedRing) {
-        warn!("vsock: cannot raise interrupt: {e}");
     }
 }
 
