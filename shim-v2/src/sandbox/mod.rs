@@ -75,6 +75,38 @@ pub trait Sandbox: Send + Sync {
     async fn is_empty(&self) -> bool;
 }
 
+/// The stdio containerd asked for: FIFO (or `binary://`, `file://`) URIs and whether the
+/// process gets a terminal. Both sandboxes take it from the Create/Exec request as is.
+#[derive(Debug, Clone, Default)]
+pub struct StdioUris {
+    pub stdin: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub terminal: bool,
+}
+
+impl From<&CreateTaskRequest> for StdioUris {
+    fn from(req: &CreateTaskRequest) -> Self {
+        StdioUris {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        }
+    }
+}
+
+impl From<&ExecProcessRequest> for StdioUris {
+    fn from(req: &ExecProcessRequest) -> Self {
+        StdioUris {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        }
+    }
+}
+
 /// The OCI `Process` JSON of an exec request, checked to parse. Both sandboxes keep the raw
 /// bytes (the runtime or the agent parses them again where it runs the process).
 pub(crate) fn exec_process_spec(req: &ExecProcessRequest) -> Result<Vec<u8>, TaskError> {

@@ -71,10 +71,10 @@ impl ExitTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sandbox::native::stdio::StdioSpec;
+    use crate::sandbox::StdioUris;
 
     fn process() -> Arc<Process> {
-        Arc::new(Process::new("c", "", StdioSpec::default(), None))
+        Arc::new(Process::new("c", "", StdioUris::default(), None))
     }
 
     #[test]

@@ -40,9 +40,9 @@ use self::{
     engine::{Engine, EngineError},
     exits::ExitTable,
     process::{now, Process},
-    stdio::{PreparedIo, StdioSpec},
+    stdio::PreparedIo,
 };
-use super::{Sandbox, TaskError, TaskResult};
+use super::{Sandbox, StdioUris, TaskError, TaskResult};
 use crate::{
     events::EventSink,
     reaper::{run_guarded, Exit},
@@ -269,12 +269,7 @@ impl Sandbox for NativeSandbox {
         let rootfs = rootfs::mount(&bundle, &req.rootfs)
             .await
             .map_err(|e| TaskError::Internal(e.to_string()))?;
-        let stdio = StdioSpec {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-        };
+        let stdio = StdioUris::from(&req);
         let init = Arc::new(Process::new(&req.id, "", stdio.clone(), None));
         let (id, bundle_for_engine, terminal) = (req.id.clone(), bundle.clone(), req.terminal);
         let pid = match self
@@ -518,12 +513,7 @@ impl Sandbox for NativeSandbox {
                     req.exec_id, req.id
                 )));
             }
-            let stdio = StdioSpec {
-                stdin: req.stdin.clone(),
-                stdout: req.stdout.clone(),
-                stderr: req.stderr.clone(),
-                terminal: req.terminal,
-            };
+            let stdio = StdioUris::from(&req);
             execs.insert(
                 req.exec_id.clone(),
                 Arc::new(Process::new(&req.id, &req.exec_id, stdio, Some(spec))),

@@ -8,7 +8,8 @@ use containerd_shim_protos::{
 };
 use tokio::sync::watch;
 
-use super::stdio::{ProcessStdio, StdioSpec};
+use super::stdio::ProcessStdio;
+use crate::sandbox::StdioUris;
 
 #[derive(Debug, Clone)]
 pub struct ExitInfo {
@@ -27,7 +28,7 @@ pub struct Process {
     pub container_id: String,
     /// Empty for the container's init process.
     pub exec_id: String,
-    pub stdio: StdioSpec,
+    pub stdio: StdioUris,
     /// runtime-spec Process JSON of an exec, as containerd sent it.
     pub spec_json: Option<Vec<u8>>,
     state: Mutex<State>,
@@ -39,7 +40,7 @@ impl Process {
     pub fn new(
         container_id: &str,
         exec_id: &str,
-        stdio: StdioSpec,
+        stdio: StdioUris,
         spec_json: Option<Vec<u8>>,
     ) -> Self {
         Self {
@@ -165,7 +166,7 @@ mod tests {
 
     #[tokio::test]
     async fn wait_returns_the_recorded_exit_once() {
-        let process = Arc::new(Process::new("c", "", StdioSpec::default(), None));
+        let process = Arc::new(Process::new("c", "", StdioUris::default(), None));
         let waiter = {
             let process = process.clone();
             tokio::spawn(async move { process.wait().await })

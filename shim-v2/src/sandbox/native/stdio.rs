@@ -25,6 +25,7 @@ use tokio::{net::unix::pipe, sync::watch, task::JoinHandle};
 use tracing::warn;
 
 use super::engine::ProcessIo;
+use crate::sandbox::StdioUris;
 
 /// How long a logging binary may take to signal it is ready.
 const LOGGER_READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -104,15 +105,6 @@ impl OutputTarget {
     }
 }
 
-/// The stdio containerd asked for.
-#[derive(Debug, Clone, Default)]
-pub struct StdioSpec {
-    pub stdin: String,
-    pub stdout: String,
-    pub stderr: String,
-    pub terminal: bool,
-}
-
 /// Descriptors made for a process before the runtime creates it.
 pub struct PreparedIo {
     /// What the new process inherits.
@@ -131,7 +123,7 @@ enum TerminalOutput {
 
 impl PreparedIo {
     /// Blocking: may start a logging binary and wait until it is ready.
-    pub fn prepare(spec: &StdioSpec, namespace: &str, id: &str) -> Result<Self, StdioError> {
+    pub fn prepare(spec: &StdioUris, namespace: &str, id: &str) -> Result<Self, StdioError> {
         let stdout = OutputTarget::parse(&spec.stdout)?;
         let stderr = OutputTarget::parse(&spec.stderr)?;
         let mut prepared = Self {
@@ -561,7 +553,7 @@ mod tests {
     fn file_target_is_inherited_directly() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("sub/out.log");
-        let spec = StdioSpec {
+        let spec = StdioUris {
             stdout: format!("file://{}", log.display()),
             ..Default::default()
         };
@@ -587,7 +579,7 @@ mod tests {
         .unwrap();
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
-        let spec = StdioSpec {
+        let spec = StdioUris {
             stdout: format!("binary://{}", script.display()),
             ..Default::default()
         };

@@ -54,11 +54,11 @@ use self::{
     agent::{deadline, long_poll},
     disk::Drives,
     network::PodNetwork,
-    process::{StdioUris, VmProcess},
+    process::VmProcess,
     stdio::{Sink, StdinCopy, StreamOf},
     vmm::VmDir,
 };
-use super::{native::rootfs, Sandbox, TaskError, TaskResult};
+use super::{native::rootfs, Sandbox, StdioUris, TaskError, TaskResult};
 use crate::{
     config::VmConfig,
     events::EventSink,
@@ -760,12 +760,7 @@ impl Sandbox for VmSandbox {
         }
         let (vm, device) = vm?;
 
-        let stdio = StdioUris {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-        };
+        let stdio = StdioUris::from(&req);
         let mut rootfs_storage = Storage::new();
         rootfs_storage.source = Some(storage::Source::BlockDevice(device));
         rootfs_storage.fstype = "ext4".into();
@@ -986,12 +981,7 @@ impl Sandbox for VmSandbox {
                     req.exec_id, req.id
                 )));
             }
-            let stdio = StdioUris {
-                stdin: req.stdin.clone(),
-                stdout: req.stdout.clone(),
-                stderr: req.stderr.clone(),
-                terminal: req.terminal,
-            };
+            let stdio = StdioUris::from(&req);
             execs.insert(
                 req.exec_id.clone(),
                 Arc::new(VmProcess::new(&req.id, &req.exec_id, stdio, Some(spec))),

@@ -10,15 +10,7 @@ use containerd_shim_protos::{
 use tokio::{sync::watch, task::JoinHandle};
 
 use super::stdio::StdinCopy;
-
-/// The stdio URIs containerd gave.
-#[derive(Debug, Clone, Default)]
-pub struct StdioUris {
-    pub stdin: String,
-    pub stdout: String,
-    pub stderr: String,
-    pub terminal: bool,
-}
+use crate::sandbox::StdioUris;
 
 #[derive(Debug, Clone)]
 pub struct ExitInfo {
