@@ -409,6 +409,31 @@ oom_score = 0
         cmd
     }
 
+    /// The `ctr events` lines published while `body` runs.
+    pub fn events_during(&self, body: impl FnOnce()) -> Result<String> {
+        use std::io::Read;
+        let mut events = self
+            .ctr_command(["events"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("spawning ctr events")?;
+        // ctr subscribes asynchronously; give it a moment before the first event, and the
+        // last event a moment to arrive.
+        thread::sleep(Duration::from_millis(300));
+        body();
+        thread::sleep(Duration::from_millis(500));
+        let _ = events.kill();
+        let mut out = String::new();
+        if let Some(mut stdout) = events.stdout.take() {
+            stdout
+                .read_to_string(&mut out)
+                .context("reading ctr events")?;
+        }
+        let _ = events.wait();
+        Ok(out)
+    }
+
     /// Runs `ctr ARGS...`, failing with its stderr unless it exits 0; returns stdout.
     pub fn ctr_ok<I, S>(&self, args: I) -> Result<String>
     where

@@ -254,31 +254,6 @@ fn concurrent_pods() {
     finish("native-concurrency", &checker, &[("cycles", PODS)]);
 }
 
-/// `ctr events` lines while `body` runs.
-fn collect_events(ctrd: &Containerd, body: impl FnOnce()) -> String {
-    use std::io::Read;
-    let mut events = ctrd
-        .ctr_command(["events"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    // ctr subscribes asynchronously; give it a moment before the first event.
-    std::thread::sleep(Duration::from_millis(300));
-    body();
-    std::thread::sleep(Duration::from_millis(500));
-    let _ = events.kill();
-    let mut out = String::new();
-    events
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let _ = events.wait();
-    out
-}
-
 /// kill -9 of a container's init from the host: the task stops with 137, a /tasks/exit
 /// event says so, and deleting it leaves nothing.
 #[test]
@@ -288,22 +263,25 @@ fn init_killed() {
     let id = "victim";
     let mut checker = LeakChecker::new(rig.scope());
     checker.scope_mut().add_shim_socket(&rig.ctrd, id);
-    let events = collect_events(&rig.ctrd, || {
-        let out = rig.run(&["-d"], id, &["/bin/sleep", "1000"]);
-        assert!(out.status.success(), "{}", stderr(&out));
-        rig.ctrd
-            .wait_task_status(id, "RUNNING", common::TIMEOUT)
+    let events = rig
+        .ctrd
+        .events_during(|| {
+            let out = rig.run(&["-d"], id, &["/bin/sleep", "1000"]);
+            assert!(out.status.success(), "{}", stderr(&out));
+            rig.ctrd
+                .wait_task_status(id, "RUNNING", common::TIMEOUT)
+                .unwrap();
+            let pid = rig.ctrd.task_pids(id).unwrap()[0];
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )
             .unwrap();
-        let pid = rig.ctrd.task_pids(id).unwrap()[0];
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        rig.ctrd
-            .wait_task_status(id, "STOPPED", common::TIMEOUT)
-            .unwrap();
-    });
+            rig.ctrd
+                .wait_task_status(id, "STOPPED", common::TIMEOUT)
+                .unwrap();
+        })
+        .expect("ctr events");
     let exit = events
         .lines()
         .find(|l| l.contains("/tasks/exit") && l.contains(id))

@@ -427,43 +427,20 @@ fn shim_socket(pid: i32) -> PathBuf {
     PathBuf::from(socket.trim_start_matches("unix://"))
 }
 
-/// `ctr events` running while `body` drives the task; returns the event lines.
-fn collect_events(ctrd: &Containerd, body: impl FnOnce()) -> String {
-    use std::io::Read;
-    let mut events = ctrd
-        .ctr_command(["events"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    // ctr subscribes asynchronously; give it a moment before the first event.
-    std::thread::sleep(Duration::from_millis(300));
-    body();
-    std::thread::sleep(Duration::from_millis(500));
-    let _ = events.kill();
-    let mut out = String::new();
-    events
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let _ = events.wait();
-    out
-}
-
 #[test]
 fn task_events_are_published() {
     let (ctrd, _config) = containerd();
     let id = "events";
-    let out = collect_events(&ctrd, || {
-        common::run_detached(&ctrd, &shim(), id);
-        ctrd.ctr_ok(["tasks", "exec", "--exec-id", "ev1", id, "/bin/true"])
-            .unwrap();
-        ctrd.ctr_ok(["tasks", "pause", id]).unwrap();
-        ctrd.ctr_ok(["tasks", "resume", id]).unwrap();
-        common::kill_and_delete(&ctrd, id);
-    });
+    let out = ctrd
+        .events_during(|| {
+            common::run_detached(&ctrd, &shim(), id);
+            ctrd.ctr_ok(["tasks", "exec", "--exec-id", "ev1", id, "/bin/true"])
+                .unwrap();
+            ctrd.ctr_ok(["tasks", "pause", id]).unwrap();
+            ctrd.ctr_ok(["tasks", "resume", id]).unwrap();
+            common::kill_and_delete(&ctrd, id);
+        })
+        .expect("ctr events");
     let ours: Vec<&str> = out.lines().filter(|l| l.contains(id)).collect();
     for topic in [
         "/tasks/create",
@@ -490,19 +467,21 @@ fn oom_kill_is_reported() {
     let (ctrd, _config) = containerd();
     let id = "oom";
     let mut status = None;
-    let out = collect_events(&ctrd, || {
-        // `tail` buffers a newline-free stream without bound: the 32 MiB limit kills it.
-        let out = ctrd
-            .run_container(
-                &shim(),
-                &["--rm", "--memory-limit", "33554432"],
-                common::IMAGE,
-                id,
-                &["/bin/sh", "-c", "tail /dev/zero"],
-            )
-            .unwrap();
-        status = out.status.code();
-    });
+    let out = ctrd
+        .events_during(|| {
+            // `tail` buffers a newline-free stream without bound: the 32 MiB limit kills it.
+            let out = ctrd
+                .run_container(
+                    &shim(),
+                    &["--rm", "--memory-limit", "33554432"],
+                    common::IMAGE,
+                    id,
+                    &["/bin/sh", "-c", "tail /dev/zero"],
+                )
+                .unwrap();
+            status = out.status.code();
+        })
+        .expect("ctr events");
     assert!(
         out.lines()
             .any(|l| l.contains("/tasks/oom") && l.contains(id)),
