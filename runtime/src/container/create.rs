@@ -15,7 +15,7 @@ use nix::{
         stat::Mode,
         wait::waitpid,
     },
-    unistd::{fork, mkfifo, ForkResult, Pid},
+    unistd::{mkfifo, Pid},
 };
 use oci_spec::runtime::{Linux, LinuxIdMapping};
 
@@ -193,13 +193,7 @@ pub(super) fn create(
         seccomp: seccomp.as_ref(),
         channel: &child_end,
     };
-    // SAFETY: the child only runs `run_intermediate`, which never returns and only uses
-    // memory copied by the fork; see process/child.rs for why it is safe after a fork of
-    // a multi-threaded process (no locks shared with other threads are taken there).
-    let intermediate = match unsafe { fork() }.context(|| "fork".into())? {
-        ForkResult::Child => child::run_intermediate(&cfg),
-        ForkResult::Parent { child } => child,
-    };
+    let intermediate = child::spawn_intermediate(&cfg)?;
     drop(child_end);
     drop(console_socket);
     drop(state_dir_fd);

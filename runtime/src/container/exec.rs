@@ -5,10 +5,7 @@ use std::os::{
     unix::net::UnixStream,
 };
 
-use nix::{
-    sys::wait::waitpid,
-    unistd::{fork, ForkResult, Pid},
-};
+use nix::{sys::wait::waitpid, unistd::Pid};
 
 use super::{
     create::{check_terminal, stdio_fds},
@@ -53,11 +50,7 @@ pub(super) fn exec(container: &Container, opts: ExecOptions) -> Result<ExecHandl
         seccomp: seccomp.as_ref(),
         channel: &child_end,
     };
-    // SAFETY: as in create: the child only runs `run_intermediate`, which never returns.
-    let intermediate = match unsafe { fork() }.context(|| "fork".into())? {
-        ForkResult::Child => child::run_intermediate(&cfg),
-        ForkResult::Parent { child } => child,
-    };
+    let intermediate = child::spawn_intermediate(&cfg)?;
     drop(child_end);
     drop(console_socket);
 

@@ -89,8 +89,22 @@ fn exit(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
+/// Forks the intermediate process, which runs `cfg` and never returns; the caller gets its
+/// pid.
+pub(crate) fn spawn_intermediate(cfg: &ChildConfig) -> crate::error::Result<nix::unistd::Pid> {
+    use crate::error::Context;
+    // SAFETY: the child only runs `run_intermediate`, which never returns and only uses
+    // memory copied by the fork; it takes no lock another thread of the caller may have held
+    // at the fork (see the module docs), which is what a fork of a multi-threaded process
+    // requires.
+    match unsafe { nix::unistd::fork() }.context(|| "fork".into())? {
+        nix::unistd::ForkResult::Child => run_intermediate(cfg),
+        nix::unistd::ForkResult::Parent { child } => Ok(child),
+    }
+}
+
 /// Entry point of the intermediate process (after `fork` in the caller).
-pub(crate) fn run_intermediate(cfg: &ChildConfig) -> ! {
+fn run_intermediate(cfg: &ChildConfig) -> ! {
     match intermediate(cfg) {
         Ok(()) => exit(0),
         Err(msg) => {
