@@ -86,6 +86,17 @@ impl Rig {
         Scope::for_containerd(&self.ctrd, &self.runtime_root)
     }
 
+    /// `ctr run -d` of a `sleep 1000` task `id`, once RUNNING; returns its init's host pid.
+    fn run_sleeper(&self, id: &str) -> i32 {
+        let out = self.run(&["-d"], id, &["/bin/sleep", "1000"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        self.ctrd
+            .wait_task_status(id, "RUNNING", common::TIMEOUT)
+            .unwrap();
+        let pids = self.ctrd.task_pids(id).unwrap();
+        *pids.first().expect("a running task has a pid")
+    }
+
     /// `ctr run --runtime palisade --fifo-dir ... EXTRA IMAGE ID ARGS`.
     fn run(&self, extra: &[&str], id: &str, args: &[&str]) -> Output {
         let fifo_dir = self.fifo_dir().display().to_string();
@@ -266,12 +277,7 @@ fn init_killed() {
     let events = rig
         .ctrd
         .events_during(|| {
-            let out = rig.run(&["-d"], id, &["/bin/sleep", "1000"]);
-            assert!(out.status.success(), "{}", stderr(&out));
-            rig.ctrd
-                .wait_task_status(id, "RUNNING", common::TIMEOUT)
-                .unwrap();
-            let pid = rig.ctrd.task_pids(id).unwrap()[0];
+            let pid = rig.run_sleeper(id);
             nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
@@ -441,12 +447,7 @@ fn hostile_requests_through_the_shim() {
     let id = "target";
     let mut checker = LeakChecker::new(rig.scope());
     checker.scope_mut().add_shim_socket(&rig.ctrd, id);
-    let out = rig.run(&["-d"], id, &["/bin/sleep", "1000"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    rig.ctrd
-        .wait_task_status(id, "RUNNING", common::TIMEOUT)
-        .unwrap();
-    let pid = rig.ctrd.task_pids(id).unwrap()[0];
+    let pid = rig.run_sleeper(id);
     // A long-running exec, so that its id is taken.
     let mut holder = rig
         .ctrd
