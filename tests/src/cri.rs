@@ -141,6 +141,8 @@ pub struct PodStatus {
     pub state: PodSandboxState,
     /// The pod's IP (from CNI's result; empty for a host-network pod).
     pub ip: String,
+    /// The pod's further IPs (dual-stack: the other family's).
+    pub additional_ips: Vec<String>,
     /// The network namespace in the sandbox's OCI spec (containerd's verbose `info`), which
     /// is what the runtime's shim is given.
     pub netns: Option<PathBuf>,
@@ -222,9 +224,11 @@ impl CriClient {
         let status = response
             .status
             .with_context(|| format!("PodSandboxStatus {pod_id}: no status"))?;
+        let network = status.network.clone().unwrap_or_default();
         Ok(PodStatus {
             state: status.state(),
-            ip: status.network.map(|n| n.ip).unwrap_or_default(),
+            ip: network.ip,
+            additional_ips: network.additional_ips.into_iter().map(|i| i.ip).collect(),
             netns: response
                 .info
                 .get("info")

@@ -7,7 +7,7 @@
 
 use std::{
     fs::File,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::{
         fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
         unix::fs::MetadataExt,
@@ -32,6 +32,8 @@ pub struct LinkInfo {
     pub mtu: u32,
     /// The primary IPv4 address and its prefix length, if any.
     pub ipv4: Option<(Ipv4Addr, u8)>,
+    /// The global-scope IPv6 addresses and their prefix lengths.
+    pub ipv6: Vec<(Ipv6Addr, u8)>,
 }
 
 pub fn format_mac(mac: &[u8]) -> String {
@@ -48,6 +50,25 @@ pub fn parse_net_dev(text: &str) -> Vec<String> {
         .filter_map(|line| line.split_once(':'))
         .map(|(name, _)| name.trim().to_owned())
         .filter(|name| !name.is_empty())
+        .collect()
+}
+
+/// The global-scope IPv6 addresses of interface `name` from the text of
+/// `/proc/net/if_inet6` (`<32 hex digits> <ifindex> <prefix len> <scope> <flags> <name>`, all
+/// hex; scope 0 is global).
+pub fn parse_if_inet6(text: &str, name: &str) -> Vec<(Ipv6Addr, u8)> {
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let [addr, _index, prefix, scope, _flags, ifname] = f.as_slice() else {
+                return None;
+            };
+            if *ifname != name || u8::from_str_radix(scope, 16).ok()? != 0 {
+                return None;
+            }
+            let addr = u128::from_str_radix(addr, 16).ok()?;
+            Some((Ipv6Addr::from(addr), u8::from_str_radix(prefix, 16).ok()?))
+        })
         .collect()
 }
 
@@ -119,10 +140,15 @@ fn link_info_here(name: &str) -> Result<LinkInfo> {
         }
         Err(_) => None,
     };
+    // No IPv6 at all (disabled) leaves no file: no addresses.
+    let ipv6 = std::fs::read_to_string("/proc/thread-self/net/if_inet6")
+        .map(|text| parse_if_inet6(&text, name))
+        .unwrap_or_default();
     Ok(LinkInfo {
         mac,
         mtu: u32::try_from(mtu).unwrap_or(0),
         ipv4,
+        ipv6,
     })
 }
 
@@ -217,6 +243,20 @@ mod tests {
                     tap0_palisade: 0 0 0 0 0 0 0 0 0\n";
         assert_eq!(parse_net_dev(text), vec!["lo", "eth0", "tap0_palisade"]);
         assert!(parse_net_dev("only\nheaders\n").is_empty());
+    }
+
+    #[test]
+    fn global_ipv6_addresses_are_parsed() {
+        let text = "fd950000000000000000000000000002 05 40 00 80     eth0\n\
+                    fe80000000000000306302fffe50a28f 05 40 20 80     eth0\n\
+                    00000000000000000000000000000001 01 80 10 80       lo\n\
+                    fd950000000000000000000000000009 06 40 00 80     eth1\n";
+        assert_eq!(
+            parse_if_inet6(text, "eth0"),
+            vec![("fd95::2".parse().expect("ip"), 64)]
+        );
+        assert!(parse_if_inet6(text, "lo").is_empty(), "::1 is host scope");
+        assert!(parse_if_inet6("garbage line\n", "eth0").is_empty());
     }
 
     #[test]

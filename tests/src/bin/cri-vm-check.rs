@@ -5,7 +5,7 @@
 //!
 //!   cri-vm-check --socket S --handler H --image I --containerd-state DIR --log-dir DIR
 //!                [--guest-release R] [--step-timeout SECS]
-//!                [--network host|cni --cni-gateway IP --cni-mtu N]
+//!                [--network host|cni --cni-gateway IP --cni-mtu N [--cni-gateway6 IP6]]
 //!
 //! Prints one `PASS|FAIL <check> <detail>` line per check (the scenario turns them into
 //! PALISADE-TEST lines) and exits 0 only if every check passed. `--network host` (the
@@ -30,6 +30,9 @@
 //!                in L1, which sees the pod's IP as the peer (no NAT)
 //!   cni-serve    this program (L1) fetches a token from busybox httpd in the container, at
 //!                the pod's IP
+//!   cni-ipv6     (with --cni-gateway6: dual-stack) the guest's eth0 has the veth's global
+//!                IPv6 address, which is CRI's second pod IP, and a default route via the
+//!                IPv6 gateway; the container pings it; L1 fetches the token over IPv6
 //!   cni-localhost a second container of the pod fetches that token from 127.0.0.1 and sees
 //!                the same eth0 (the pod's containers share its network)
 //!   cni-cleanup  as `cleanup`
@@ -42,7 +45,7 @@
 use std::{
     collections::BTreeSet,
     future::Future,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     process::ExitCode,
     time::{Duration, Instant},
@@ -74,6 +77,8 @@ struct Args {
 struct CniExpect {
     gateway: Ipv4Addr,
     mtu: u32,
+    /// Dual-stack: the bridge's IPv6 address.
+    gateway6: Option<Ipv6Addr>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -83,7 +88,7 @@ fn parse_args() -> Result<Args> {
     let mut guest_release = None;
     let mut step_timeout = Duration::from_secs(120);
     let mut network = PodNetwork::Host;
-    let (mut gateway, mut mtu) = (None, None);
+    let (mut gateway, mut mtu, mut gateway6) = (None, None, None);
     while let Some(flag) = args.next() {
         let mut value = || args.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
@@ -114,6 +119,13 @@ fn parse_args() -> Result<Args> {
                         .with_context(|| format!("--cni-gateway {v:?}: not an IPv4 address"))?,
                 );
             }
+            "--cni-gateway6" => {
+                let v = value()?;
+                gateway6 = Some(
+                    v.parse::<Ipv6Addr>()
+                        .with_context(|| format!("--cni-gateway6 {v:?}: not an IPv6 address"))?,
+                );
+            }
             "--cni-mtu" => {
                 let v = value()?;
                 mtu = Some(
@@ -125,10 +137,16 @@ fn parse_args() -> Result<Args> {
         }
     }
     let cni = match (network, gateway, mtu) {
-        (PodNetwork::Cni, Some(gateway), Some(mtu)) => Some(CniExpect { gateway, mtu }),
+        (PodNetwork::Cni, Some(gateway), Some(mtu)) => Some(CniExpect {
+            gateway,
+            mtu,
+            gateway6,
+        }),
         (PodNetwork::Cni, _, _) => bail!("--network cni needs --cni-gateway and --cni-mtu"),
-        (PodNetwork::Host, None, None) => None,
-        (PodNetwork::Host, _, _) => bail!("--cni-gateway/--cni-mtu need --network cni"),
+        (PodNetwork::Host, None, None) if gateway6.is_none() => None,
+        (PodNetwork::Host, _, _) => {
+            bail!("--cni-gateway/--cni-gateway6/--cni-mtu need --network cni")
+        }
     };
     Ok(Args {
         socket: socket.context("--socket is required")?,
@@ -604,18 +622,39 @@ async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&response).into_owned())
 }
 
+/// [`http_get`], each attempt bounded by 10 s, retried until `limit` (a server that is still
+/// starting refuses the connection).
+async fn http_get_retried(addr: SocketAddr, path: &str, limit: Duration) -> Result<String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let result = match tokio::time::timeout(Duration::from_secs(10), http_get(addr, path)).await
+        {
+            Ok(r) => r,
+            Err(_) => Err(anyhow::anyhow!("no answer within 10 s")),
+        };
+        match result {
+            Ok(r) => return Ok(r),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
 /// What the guest's eth0 looks like from inside a container.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct GuestEth0 {
     mac: String,
     mtu: Option<u32>,
-    /// `inet A/P` entries of `ip -o -4 addr show dev eth0`.
+    /// `inet A/P` entries of `ip -o addr show dev eth0`.
     addresses: Vec<String>,
+    /// Its `inet6 A/P` entries.
+    addresses6: Vec<String>,
     default_via: Option<String>,
+    default_via6: Option<String>,
 }
 
-/// Parses the identity probe's output: the MAC line, the MTU line, then `ip -o -4 addr`
-/// and `ip route` lines.
+/// Parses the identity probe's output: the MAC line, the MTU line, then `ip -o addr`,
+/// `ip route` and `ip -6 route` lines.
 fn parse_guest_eth0(out: &str) -> GuestEth0 {
     let mut lines = out.lines();
     let mac = lines.next().unwrap_or("").trim().to_owned();
@@ -627,20 +666,30 @@ fn parse_guest_eth0(out: &str) -> GuestEth0 {
     };
     for line in lines {
         let words: Vec<&str> = line.split_whitespace().collect();
-        if let Some(i) = words.iter().position(|w| *w == "inet") {
+        if let Some(i) = words.iter().position(|w| *w == "inet" || *w == "inet6") {
             if let Some(addr) = words.get(i + 1) {
-                eth0.addresses.push((*addr).to_owned());
+                let list = if words[i] == "inet" {
+                    &mut eth0.addresses
+                } else {
+                    &mut eth0.addresses6
+                };
+                list.push((*addr).to_owned());
             }
         }
-        if words.first() == Some(&"default") && words.get(1) == Some(&"via") {
-            eth0.default_via = words.get(2).map(|w| (*w).to_owned());
+        if let ["default", "via", gateway, ..] = words.as_slice() {
+            let slot = if gateway.contains(':') {
+                &mut eth0.default_via6
+            } else {
+                &mut eth0.default_via
+            };
+            *slot = Some((*gateway).to_owned());
         }
     }
     eth0
 }
 
 const CNI_PROBE: &str = "cat /sys/class/net/eth0/address /sys/class/net/eth0/mtu; \
-     ip -o -4 addr show dev eth0; ip route";
+     ip -o addr show dev eth0; ip route; ip -6 route";
 
 /// The CNI pod's life through CRI with every check but the cleanup ones.
 async fn cni_pod_checks(
@@ -835,21 +884,8 @@ async fn cni_pod_checks(
 
     // L1 -> pod: the pod IP's httpd (it may still be starting: retried for a while).
     let addr = SocketAddr::from((ip, POD_HTTP_PORT));
-    let deadline = Instant::now() + t;
     let started = Instant::now();
-    let response = loop {
-        let attempt = tokio::time::timeout(Duration::from_secs(10), http_get(addr, "/token")).await;
-        let result = match attempt {
-            Ok(r) => r,
-            Err(_) => Err(anyhow::anyhow!("no answer within 10 s")),
-        };
-        match result {
-            Ok(r) => break Ok(r),
-            Err(e) if Instant::now() > deadline => break Err(e),
-            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-        }
-    };
-    match response {
+    match http_get_retried(addr, "/token", t).await {
         Ok(r) => {
             let body = http_body(&r).map(str::trim_end);
             checks.expect(
@@ -862,6 +898,21 @@ async fn cni_pod_checks(
             )
         }
         Err(e) => checks.fail("cni-serve", format!("L1 GET http://{addr}/token: {e:#}")),
+    }
+
+    if let Some(gateway6) = cni.gateway6 {
+        ipv6_check(
+            checks,
+            cri,
+            &web,
+            &status.additional_ips,
+            &veth.ipv6,
+            &guest,
+            gateway6,
+            &served,
+            t,
+        )
+        .await?;
     }
 
     // A second container of the pod shares its network (Kubernetes: containers of a pod
@@ -920,6 +971,68 @@ async fn cni_pod_checks(
         within("RemoveContainer", t, cri.remove_container(id)).await?;
         created.removed.insert(id.clone());
     }
+    Ok(())
+}
+
+/// Dual-stack: the pod's IPv6 address from CRI, the veth and the guest agree; the container
+/// pings the IPv6 gateway and L1 reaches the container's httpd over IPv6.
+#[allow(clippy::too_many_arguments)]
+async fn ipv6_check(
+    checks: &mut Checks,
+    cri: &mut CriClient,
+    web: &str,
+    additional_ips: &[String],
+    veth6: &[(Ipv6Addr, u8)],
+    guest: &GuestEth0,
+    gateway6: Ipv6Addr,
+    served: &str,
+    t: Duration,
+) -> Result<()> {
+    let ip6 = additional_ips
+        .iter()
+        .find_map(|ip| ip.parse::<Ipv6Addr>().ok());
+    let veth6_text: Vec<String> = veth6.iter().map(|(a, p)| format!("{a}/{p}")).collect();
+    let gateway = gateway6.to_string();
+    let ping = within(
+        "ExecSync ping IPv6",
+        t,
+        cri.exec_sync(web, &["ping", "-c", "3", "-W", "5", gateway.as_str()], t),
+    )
+    .await?;
+    let summary = ping
+        .stdout
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or("")
+        .to_owned();
+    let fetched = match ip6 {
+        Some(ip6) => {
+            let addr = SocketAddr::from((ip6, POD_HTTP_PORT));
+            http_get_retried(addr, "/token", t)
+                .await
+                .map(|r| http_body(&r).map(|b| b.trim_end().to_owned()))
+                .map_err(|e| format!("{e:#}"))
+        }
+        None => Err("no IPv6 pod IP".into()),
+    };
+    let ok = ip6.is_some_and(|ip6| {
+        veth6.len() == 1 && veth6[0].0 == ip6 && guest.addresses6.contains(&veth6_text[0])
+    }) && guest.default_via6.as_deref() == Some(gateway.as_str())
+        && ping.exit_code == 0
+        && summary.contains(" 0% packet loss")
+        && matches!(&fetched, Ok(Some(body)) if body == served);
+    checks.expect(
+        "cni-ipv6",
+        ok,
+        format!(
+            "CRI's additional pod IPs {additional_ips:?}; the veth's global IPv6 {veth6_text:?}; guest eth0 inet6 {:?} default via {:?} (want the veth's, via {gateway}); ping -c 3 {gateway}: exit {}, {summary:?} {}; L1 GET http://[{}]:{POD_HTTP_PORT}/token: {fetched:?} (want {served:?})",
+            guest.addresses6,
+            guest.default_via6,
+            ping.exit_code,
+            ping.stderr.trim(),
+            ip6.map_or("?".into(), |ip| ip.to_string()),
+        ),
+    );
     Ok(())
 }
 
@@ -1066,15 +1179,21 @@ mod tests {
     fn the_identity_probe_output_is_parsed() {
         let out = "02:42:0a:58:00:05\n1450\n\
                    2: eth0    inet 10.88.0.5/24 brd 10.88.0.255 scope global eth0\\       valid_lft forever preferred_lft forever\n\
+                   2: eth0    inet6 fd95::5/64 scope global \\       valid_lft forever preferred_lft forever\n\
+                   2: eth0    inet6 fe80::42:aff:fe58:5/64 scope link \\       valid_lft forever preferred_lft forever\n\
                    default via 10.88.0.1 dev eth0 \n\
-                   10.88.0.0/24 dev eth0 scope link  src 10.88.0.5 \n";
+                   10.88.0.0/24 dev eth0 scope link  src 10.88.0.5 \n\
+                   fd95::/64 dev eth0  metric 256 \n\
+                   default via fd95::1 dev eth0  metric 1024 \n";
         assert_eq!(
             parse_guest_eth0(out),
             GuestEth0 {
                 mac: "02:42:0a:58:00:05".into(),
                 mtu: Some(1450),
                 addresses: vec!["10.88.0.5/24".into()],
+                addresses6: vec!["fd95::5/64".into(), "fe80::42:aff:fe58:5/64".into()],
                 default_via: Some("10.88.0.1".into()),
+                default_via6: Some("fd95::1".into()),
             }
         );
         let empty = parse_guest_eth0("");

@@ -2,9 +2,10 @@
 # CRI plugin and the shipped runtime-handler snippet (deploy/containerd/config-1.6.toml:
 # handler `palisade` -> io.containerd.palisade.v2 with ConfigPath
 # /etc/palisade/configuration-vm.toml, written from deploy/configuration-vm.toml with this
-# test host's paths) and a CNI config (Debian's plugins: bridge `cni0` 10.88.0.1/24, MTU
-# 1450, host-local IPAM). A CRI client (cri-vm-check, tests/src/bin/cri-vm-check.rs) plays
-# the kubelet, first for a host-network pod, then for a pod in its own netns. Checks:
+# test host's paths) and a CNI config (Debian's plugins: bridge `cni0` 10.95.0.1/24 and
+# fd95::1/64, MTU 1450, host-local IPAM). A CRI client (cri-vm-check,
+# tests/src/bin/cri-vm-check.rs) plays the kubelet, first for a host-network pod, then for
+# a pod in its own netns. Checks:
 #   check       `palisade check` with that config: exit 0, hardware KVM (kvm-amd), the
 #               configured guest kernel, "VM mode: ready"
 #   pod         RunPodSandbox starts exactly one palisade-vmm and one shim
@@ -19,10 +20,13 @@
 #   cni-pod      RunPodSandbox: one VMM and shim, an IP in PodSandboxStatus, the pod netns
 #                holds CNI's veth eth0 and the shim's tap
 #   cni-identity the guest's eth0 (ExecSync) has the veth's MAC and MTU (1450) and the pod
-#                IP, default route via 10.88.0.1
-#   cni-ping     the container pings the bridge (10.88.0.1)
+#                IP, default route via 10.95.0.1
+#   cni-ping     the container pings the bridge (10.95.0.1)
 #   cni-fetch    the container wgets a token from a server in L1 that sees the pod IP
 #   cni-serve    L1 fetches a token from busybox httpd in the container at the pod IP
+#   cni-ipv6     dual-stack: the guest's eth0 has the veth's IPv6 address (CRI's second pod
+#                IP) and a default route via fd95::1; the container pings it; L1 fetches
+#                the token at the pod's IPv6 address
 #   cni-localhost a second container gets that token from 127.0.0.1 and has the same eth0
 #   cni-cleanup  as cleanup
 #   cni-netns    afterwards the netns file is gone; the namespace (held open by the
@@ -30,6 +34,8 @@
 #                bridge port in L1; host-local released the IP
 . /palisade/scenarios/lib.sh
 require palisade-vmm guest-kernel guest-initramfs shim-vm cri-vm
+# iproute2's when the image has it (net-tools), else busybox's: both list and delete links.
+ip() { if [ -x /palisade/bin/ip ]; then /palisade/bin/ip "$@"; else busybox ip "$@"; fi; }
 
 IMAGE=docker.io/palisade/busybox:latest
 PAUSE_IMAGE=docker.io/palisade/pause:latest
@@ -86,10 +92,12 @@ containerd_config "$d" debug "$(cat <<TOML
     conf_dir = "$WORK/cni"
 TOML
 )"
-# The pod network: a bridge with the gateway address (no masquerading: nothing leaves L1)
-# and host-local IPAM with a default route. The CRI plugin runs the loopback plugin for the
+# The pod network, dual-stack: a bridge with the gateway addresses (no masquerading: nothing
+# leaves L1) and host-local IPAM with a default route per family. The CRI plugin runs the loopback plugin for the
 # pod's lo itself. MTU 1450, not the default, so the guest's MTU shows it was carried over.
-CNI_GATEWAY=10.88.0.1
+# A subnet of its own: net and net-bench use 10.88-10.92.x.x/16 in the same L1.
+CNI_GATEWAY=10.95.0.1
+CNI_GATEWAY6=fd95::1
 CNI_MTU=1450
 mkdir -p "$WORK/cni"
 cat >"$WORK/cni/10-palisade.conflist" <<JSON
@@ -105,8 +113,11 @@ cat >"$WORK/cni/10-palisade.conflist" <<JSON
       "mtu": $CNI_MTU,
       "ipam": {
         "type": "host-local",
-        "ranges": [[{ "subnet": "10.88.0.0/24", "gateway": "$CNI_GATEWAY" }]],
-        "routes": [{ "dst": "0.0.0.0/0" }]
+        "ranges": [
+          [{ "subnet": "10.95.0.0/24", "gateway": "$CNI_GATEWAY" }],
+          [{ "subnet": "fd95::/64", "gateway": "$CNI_GATEWAY6" }]
+        ],
+        "routes": [{ "dst": "0.0.0.0/0" }, { "dst": "::/0" }]
       }
     }
   ]
@@ -163,14 +174,20 @@ cri_check cri --guest-release "$guest_release"
 cni=$(grep '^cni ' /palisade/components)
 case $cni in
   "cni ok"*)
-    cri_check cri-cni --network cni --cni-gateway "$CNI_GATEWAY" --cni-mtu "$CNI_MTU"
+    cri_check cri-cni --network cni --cni-gateway "$CNI_GATEWAY" --cni-gateway6 "$CNI_GATEWAY6" --cni-mtu "$CNI_MTU"
     # For a failure report: L1's links and addresses after the pod.
-    /palisade/bin/ip -d addr show >"$WORK/l1-net.log" 2>&1
+    ip -d addr show >"$WORK/l1-net.log" 2>&1
     ;;
   *) fail cni "blocked: ${cni:-component cni not in the image}" ;;
 esac
 
 stop_containerd
+# What CNI leaves on a node by design (the bridge plugin never removes its bridge, host-local
+# keeps its state dir) goes: later scenarios share L1's root netns.
+if ip link show cni0 >/dev/null 2>&1 && ! out=$(ip link del cni0 2>&1); then
+  fail cni "removing the CNI bridge cni0 after the pods failed: $out"
+fi
+rm -rf /var/lib/cni
 # For a failure report: the shim's lines (containerd's log at debug level) and the pod's
 # VM console if a bundle is still there.
 grep -E 'palisade|shim|level=error' "$WORK/containerd.log" | tail -80 >"$WORK/shim.log" 2>/dev/null
