@@ -35,6 +35,7 @@
 //!                IPv6 gateway; the container pings it; L1 fetches the token over IPv6
 //!   cni-localhost a second container of the pod fetches that token from 127.0.0.1 and sees
 //!                the same eth0 (the pod's containers share its network)
+//!   cni-pod-to-pod a second CNI pod (its own VM) fetches that token at the first pod's IP
 //!   cni-cleanup  as `cleanup`
 //!   cni-netns    after the pod: its netns file is gone; the namespace itself (held open by
 //!                this program) has nothing but `lo` (no tap, no veth, so no tc filter) and
@@ -282,8 +283,9 @@ const APP2_SCRIPT: &str = "trap 'exit 0' TERM; while :; do sleep 1; done";
 /// What the run created through CRI, so it can be removed whatever happened.
 #[derive(Default)]
 struct Created {
-    pod: Option<String>,
+    pods: Vec<String>,
     containers: Vec<String>,
+    /// Containers and pods already removed.
     removed: BTreeSet<String>,
 }
 
@@ -318,7 +320,7 @@ async fn pod_checks(
     };
     let started = Instant::now();
     let pod_id = within("RunPodSandbox", t, cri.run_pod(&pod, &args.handler)).await?;
-    created.pod = Some(pod_id.clone());
+    created.pods.push(pod_id.clone());
     let vmms = vmm_pids();
     let shims = palisade_shim_pids();
     checks.expect(
@@ -715,7 +717,7 @@ async fn cni_pod_checks(
     };
     let started = Instant::now();
     let pod_id = within("RunPodSandbox", t, cri.run_pod(&pod, &args.handler)).await?;
-    created.pod = Some(pod_id.clone());
+    created.pods.push(pod_id.clone());
     let run_ms = started.elapsed().as_millis();
     let (vmms, shims, ports) = (vmm_pids(), palisade_shim_pids(), bridge_ports());
     let status = within("PodSandboxStatus", t, cri.pod_status(&pod_id)).await?;
@@ -961,7 +963,66 @@ async fn cni_pod_checks(
         ),
     );
 
-    for id in [&web, &client] {
+    // Pod to pod (Kubernetes: pods reach each other at their IPs, no NAT): a second pod,
+    // its own VM behind its own veth and tap, fetches the token from the first pod's IP
+    // across the bridge.
+    let peer_pod = PodSpec {
+        name: "cri-cni-peer",
+        uid: "5a1d2c77-cri-cni-peer",
+        log_directory: &args.log_dir,
+        network: PodNetwork::Cni,
+    };
+    let started = Instant::now();
+    let peer_id = within(
+        "RunPodSandbox peer",
+        t,
+        cri.run_pod(&peer_pod, &args.handler),
+    )
+    .await?;
+    created.pods.push(peer_id.clone());
+    let peer_status = within("PodSandboxStatus peer", t, cri.pod_status(&peer_id)).await?;
+    let peer = within(
+        "CreateContainer+StartContainer peer",
+        t,
+        cri.start_container(
+            &peer_id,
+            &peer_pod,
+            peer_pod.container(
+                "peer",
+                &args.image,
+                &["/bin/sh", "-c", APP2_SCRIPT],
+                "peer.log",
+            ),
+        ),
+    )
+    .await?;
+    created.containers.push(peer.clone());
+    let peer_ms = started.elapsed().as_millis();
+    let vmms_now = vmm_pids();
+    let url = format!("http://{ip}:{POD_HTTP_PORT}/token");
+    let got = within(
+        "ExecSync wget pod to pod",
+        t,
+        cri.exec_sync(&peer, &["wget", "-q", "-O", "-", url.as_str()], t),
+    )
+    .await?;
+    let peer_ip = peer_status.ip.parse::<Ipv4Addr>().ok();
+    checks.expect(
+        "cni-pod-to-pod",
+        vmms_now.len() == 2
+            && peer_ip.is_some_and(|p| p != ip)
+            && got.exit_code == 0
+            && got.stdout.trim_end() == served,
+        format!(
+            "a second CNI pod (IP {:?}, up with its container in {peer_ms} ms; palisade-vmm pids {vmms_now:?}, want two): wget {url} (the first pod's httpd) exit {}, body {:?} (want {served:?}) {}",
+            peer_status.ip,
+            got.exit_code,
+            got.stdout.trim_end(),
+            got.stderr.trim()
+        ),
+    );
+
+    for id in [&web, &client, &peer] {
         within(
             "StopContainer",
             t,
@@ -971,6 +1032,13 @@ async fn cni_pod_checks(
         within("RemoveContainer", t, cri.remove_container(id)).await?;
         created.removed.insert(id.clone());
     }
+    within(
+        "StopPodSandbox+RemovePodSandbox peer",
+        t,
+        cri.stop_and_remove_pod(&peer_id),
+    )
+    .await?;
+    created.removed.insert(peer_id);
     Ok(())
 }
 
@@ -1124,7 +1192,10 @@ async fn run(args: Args) -> Result<bool> {
             checks.fail("remove", format!("{e:#}"));
         }
     }
-    if let Some(pod) = &created.pod {
+    for pod in &created.pods {
+        if created.removed.contains(pod) {
+            continue;
+        }
         let removed = within(
             "StopPodSandbox+RemovePodSandbox",
             t,
@@ -1136,7 +1207,7 @@ async fn run(args: Args) -> Result<bool> {
         }
     }
     let ids: Vec<String> = created
-        .pod
+        .pods
         .iter()
         .chain(&created.containers)
         .cloned()
