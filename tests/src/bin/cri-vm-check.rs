@@ -565,13 +565,26 @@ fn bridge_ports() -> Vec<String> {
     ports
 }
 
+/// host-local's lease files for `ips` (one per allocated IP, in a directory per network).
+fn host_local_leases(ips: &[IpAddr]) -> Vec<PathBuf> {
+    entries_of(Path::new(HOST_LOCAL_DIR))
+        .into_iter()
+        .flat_map(|net| {
+            ips.iter()
+                .map(move |ip| Path::new(HOST_LOCAL_DIR).join(&net).join(ip.to_string()))
+        })
+        .filter(|lease| lease.exists())
+        .collect()
+}
+
 /// The pod netns, opened while the pod ran and held until the end: after the pod it shows
 /// what the shim (taps, tc) and CNI (veth) left in it, whatever removed its bind mount.
 struct HeldNetns {
     netns: Netns,
     path: PathBuf,
     inode: u64,
-    ip: Ipv4Addr,
+    /// The pod's IPs (host-local leases), IPv4 first.
+    ips: Vec<IpAddr>,
 }
 
 /// The body of an HTTP response (after the blank line), if it is a 200.
@@ -732,6 +745,8 @@ async fn cni_pod_checks(
         None => Vec::new(),
     };
     let has_tap = links.iter().any(|l| l.ends_with("_palisade"));
+    // host-local's lease for the IP: the cni-netns check later wants it gone.
+    let leases = ip.map_or_else(Vec::new, |ip| host_local_leases(&[IpAddr::V4(ip)]));
     checks.expect(
         "cni-pod",
         vmms.len() == 1
@@ -740,9 +755,10 @@ async fn cni_pod_checks(
             && ip.is_some()
             && links.iter().any(|l| l == "eth0")
             && has_tap
-            && ports.len() == 1,
+            && ports.len() == 1
+            && leases.len() == 1,
         format!(
-            "RunPodSandbox (handler {}, pod netns) in {run_ms} ms: {:?}, IP {:?}, netns {} with links {links:?} (want eth0 and the shim's tap), L1 bridge ports {ports:?}; palisade-vmm pids {vmms:?}, shim pids {shims:?} (want one each)",
+            "RunPodSandbox (handler {}, pod netns) in {run_ms} ms: {:?}, IP {:?}, netns {} with links {links:?} (want eth0 and the shim's tap), L1 bridge ports {ports:?}, host-local lease {leases:?}; palisade-vmm pids {vmms:?}, shim pids {shims:?} (want one each)",
             args.handler,
             status.state,
             status.ip,
@@ -761,7 +777,14 @@ async fn cni_pod_checks(
         netns,
         path,
         inode,
-        ip,
+        ips: std::iter::once(IpAddr::V4(ip))
+            .chain(
+                status
+                    .additional_ips
+                    .iter()
+                    .filter_map(|a| a.parse::<IpAddr>().ok()),
+            )
+            .collect(),
     });
 
     // The container serves a token with busybox httpd (daemonised) and idles until TERM.
@@ -1126,25 +1149,17 @@ fn netns_check(checks: &mut Checks, held: &HeldNetns) {
     if !ports.is_empty() {
         problems.push(format!("L1 bridge ports left: {ports:?}"));
     }
-    let leases: Vec<_> = entries_of(Path::new(HOST_LOCAL_DIR))
-        .into_iter()
-        .map(|net| {
-            Path::new(HOST_LOCAL_DIR)
-                .join(net)
-                .join(held.ip.to_string())
-        })
-        .filter(|lease| lease.exists())
-        .collect();
+    let leases = host_local_leases(&held.ips);
     if !leases.is_empty() {
-        problems.push(format!("host-local still holds the pod IP: {leases:?}"));
+        problems.push(format!("host-local still holds pod IPs: {leases:?}"));
     }
     if problems.is_empty() {
         checks.pass(
             "cni-netns",
             format!(
-                "{} removed; the namespace (held open by the check) has only lo: no tap, no veth, no tc filter; no process in it; no L1 bridge port; host-local released {}",
+                "{} removed; the namespace (held open by the check) has only lo: no tap, no veth, no tc filter; no process in it; no L1 bridge port; host-local released {:?}",
                 held.path.display(),
-                held.ip
+                held.ips
             ),
         );
     } else {

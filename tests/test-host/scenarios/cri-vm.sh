@@ -98,6 +98,9 @@ TOML
 # pod's lo itself. MTU 1450, not the default, so the guest's MTU shows it was carried over.
 # A subnet of its own: net and net-bench use 10.88-10.92.x.x/16 in the same L1.
 CNI_GATEWAY=10.95.0.1
+# The bridge plugin turns on forwarding (isGateway) for the node; put back afterwards.
+FORWARD4=$(cat /proc/sys/net/ipv4/ip_forward)
+FORWARD6=$(cat /proc/sys/net/ipv6/conf/all/forwarding)
 CNI_GATEWAY6=fd95::1
 CNI_MTU=1450
 mkdir -p "$WORK/cni"
@@ -184,11 +187,13 @@ esac
 
 stop_containerd
 # What CNI leaves on a node by design (the bridge plugin never removes its bridge, host-local
-# keeps its state dir) goes: later scenarios share L1's root netns.
+# keeps its state dir, forwarding stays on) goes: later scenarios share L1's root netns.
 if ip link show cni0 >/dev/null 2>&1 && ! out=$(ip link del cni0 2>&1); then
   fail cni "removing the CNI bridge cni0 after the pods failed: $out"
 fi
 rm -rf /var/lib/cni
+echo "$FORWARD4" >/proc/sys/net/ipv4/ip_forward
+echo "$FORWARD6" >/proc/sys/net/ipv6/conf/all/forwarding
 # For a failure report: the shim's lines (containerd's log at debug level) and the pod's
 # VM console if a bundle is still there.
 grep -E 'palisade|shim|level=error' "$WORK/containerd.log" | tail -80 >"$WORK/shim.log" 2>/dev/null
