@@ -12,11 +12,12 @@ use anyhow::{bail, Context, Result};
 use k8s_cri::v1::{
     image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient,
     ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
-    CreateContainerRequest, ExecSyncRequest, ImageSpec, ImageStatusRequest, LinuxContainerConfig,
-    LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
-    NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxState,
-    PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    CreateContainerRequest, DnsConfig, ExecSyncRequest, ImageSpec, ImageStatusRequest,
+    LinuxContainerConfig, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
+    LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
+    PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest, RemoveContainerRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
+    StopPodSandboxRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -59,6 +60,8 @@ pub struct PodSpec<'a> {
     pub uid: &'a str,
     pub log_directory: &'a Path,
     pub network: PodNetwork,
+    /// The pod's DNS settings (the kubelet's `dnsConfig`); None: the node's resolv.conf.
+    pub dns: Option<DnsConfig>,
 }
 
 impl PodSpec<'_> {
@@ -92,6 +95,7 @@ impl PodSpec<'_> {
                 PodNetwork::Host => String::new(),
             },
             log_directory: self.log_directory.display().to_string(),
+            dns_config: self.dns.clone(),
             linux: Some(LinuxPodSandboxConfig {
                 security_context: Some(LinuxSandboxSecurityContext {
                     namespace_options: Some(self.namespace_options()),
@@ -423,6 +427,7 @@ mod tests {
             uid: "u",
             log_directory: Path::new("/tmp/logs"),
             network: PodNetwork::Cni,
+            dns: None,
         };
         let config = pod.config();
         let ns = config
@@ -442,6 +447,7 @@ mod tests {
             uid: "u",
             log_directory: dir,
             network: PodNetwork::Host,
+            dns: None,
         };
         let ns = pod.config().linux.unwrap().security_context.unwrap();
         let ns = ns.namespace_options.unwrap();

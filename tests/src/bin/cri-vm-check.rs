@@ -25,6 +25,8 @@
 //!                the pod an IP; its netns holds the CNI veth `eth0` and the shim's tap
 //!   cni-identity in the guest (ExecSync), eth0 has the veth's MAC, MTU and the pod's IP, and
 //!                a default route via the gateway
+//!   cni-dns      in the guest: the pod's name as hostname, the pod's DNS config (servers,
+//!                search, options) in /etc/resolv.conf, the node's /etc/hosts
 //!   cni-ping     the container pings the gateway (the bridge in L1)
 //!   cni-fetch    the container fetches a token over HTTP from a server this program runs
 //!                in L1, which sees the pod's IP as the peer (no NAT)
@@ -53,7 +55,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use k8s_cri::v1::{ContainerState, PodSandboxState, VersionRequest};
+use k8s_cri::v1::{ContainerState, DnsConfig, PodSandboxState, VersionRequest};
 use palisade_tests::{
     containerd::mounts_below,
     cri::{wait_for_log_line, CriClient, PodNetwork, PodSpec},
@@ -317,6 +319,7 @@ async fn pod_checks(
         uid: "6d0c5e1a-cri-vm-pod",
         log_directory: &args.log_dir,
         network: PodNetwork::Host,
+        dns: None,
     };
     let started = Instant::now();
     let pod_id = within("RunPodSandbox", t, cri.run_pod(&pod, &args.handler)).await?;
@@ -542,6 +545,9 @@ async fn cleanup_check(
 /// Where CNI's host-local IPAM keeps its leases (its default `dataDir`): one file per
 /// allocated IP under a directory per network.
 const HOST_LOCAL_DIR: &str = "/var/lib/cni/networks";
+/// The CNI pod's DNS config (nothing answers there: only the files are checked).
+const POD_DNS_SERVER: &str = "10.95.0.10";
+const POD_DNS_SEARCH: &str = "default.svc.palisade.test";
 /// The port busybox httpd listens on in the CNI pod's container.
 const POD_HTTP_PORT: u16 = 8080;
 
@@ -727,6 +733,13 @@ async fn cni_pod_checks(
         uid: "0b6f8f3e-cri-cni-pod",
         log_directory: &args.log_dir,
         network: PodNetwork::Cni,
+        // What a kubelet passes (cluster DNS, search path, options): containerd writes it
+        // into the pod's resolv.conf, which must reach the containers in the guest.
+        dns: Some(DnsConfig {
+            servers: vec![POD_DNS_SERVER.into()],
+            searches: vec![POD_DNS_SEARCH.into()],
+            options: vec!["ndots:5".into()],
+        }),
     };
     let started = Instant::now();
     let pod_id = within("RunPodSandbox", t, cri.run_pod(&pod, &args.handler)).await?;
@@ -835,6 +848,54 @@ async fn cni_pod_checks(
             cni.mtu,
             probe.exit_code,
             probe.stderr.trim()
+        ),
+    );
+
+    // The pod's name as hostname and the kubelet's DNS config reach the guest, as the
+    // files containerd prepared for the pod (resolv.conf, hosts).
+    let files = within(
+        "ExecSync hostname/resolv.conf/hosts",
+        t,
+        cri.exec_sync(
+            &web,
+            &[
+                "/bin/sh",
+                "-c",
+                "hostname; echo --; cat /etc/resolv.conf; echo --; cat /etc/hosts",
+            ],
+            t,
+        ),
+    )
+    .await?;
+    let mut parts = files.stdout.splitn(3, "--\n");
+    let (hostname, resolv, hosts) = (
+        parts.next().unwrap_or("").trim(),
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+    );
+    let node_hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+    let want_resolv = [
+        format!("nameserver {POD_DNS_SERVER}"),
+        format!("search {POD_DNS_SEARCH}"),
+        "options ndots:5".to_owned(),
+    ];
+    checks.expect(
+        "cni-dns",
+        files.exit_code == 0
+            && hostname == pod.name
+            && want_resolv
+                .iter()
+                .all(|w| resolv.lines().any(|l| l.trim() == w))
+            && !node_hosts.is_empty()
+            && hosts == node_hosts,
+        format!(
+            "in the guest: hostname {hostname:?} (want {:?}); /etc/resolv.conf {:?} (want {want_resolv:?}); /etc/hosts {} the node's ({} bytes) (exit {}, stderr {:?})",
+            pod.name,
+            resolv.trim(),
+            if hosts == node_hosts { "equals" } else { "differs from" },
+            node_hosts.len(),
+            files.exit_code,
+            files.stderr.trim()
         ),
     );
 
@@ -994,6 +1055,7 @@ async fn cni_pod_checks(
         uid: "5a1d2c77-cri-cni-peer",
         log_directory: &args.log_dir,
         network: PodNetwork::Cni,
+        dns: None,
     };
     let started = Instant::now();
     let peer_id = within(

@@ -21,6 +21,8 @@
 #                holds CNI's veth eth0 and the shim's tap
 #   cni-identity the guest's eth0 (ExecSync) has the veth's MAC and MTU (1450) and the pod
 #                IP, default route via 10.95.0.1
+#   cni-dns      in the guest: hostname = the pod's name, /etc/resolv.conf has the pod's
+#                DNS config (server, search, ndots), /etc/hosts is the node's
 #   cni-ping     the container pings the bridge (10.95.0.1)
 #   cni-fetch    the container wgets a token from a server in L1 that sees the pod IP
 #   cni-serve    L1 fetches a token from busybox httpd in the container at the pod IP
