@@ -38,6 +38,9 @@
 //!   cni-localhost a second container of the pod fetches that token from 127.0.0.1 and sees
 //!                the same eth0 (the pod's containers share its network)
 //!   cni-pod-to-pod a second CNI pod (its own VM) fetches that token at the first pod's IP
+//!   cni-vmm-crash kill -9 of the second pod's VMM: the shim removes its tap from the netns
+//!                (which lives on until StopPodSandbox), CRI reports the pod NOTREADY and its
+//!                container EXITED 137, the first pod still serves L1
 //!   cni-cleanup  as `cleanup`
 //!   cni-netns    after the pod: its netns file is gone; the namespace itself (held open by
 //!                this program) has nothing but `lo` (no tap, no veth, so no tc filter) and
@@ -271,11 +274,21 @@ impl Checks {
 }
 
 /// Bounds one step (a CRI call can hang when the guest does).
+/// Each step is logged to stderr (the scenario keeps it): where a run that hit the
+/// scenario's time limit was.
 async fn within<T>(what: &str, limit: Duration, fut: impl Future<Output = Result<T>>) -> Result<T> {
-    match tokio::time::timeout(limit, fut).await {
+    let started = Instant::now();
+    eprintln!("cri-vm-check: {what} ...");
+    let result = match tokio::time::timeout(limit, fut).await {
         Ok(result) => result,
-        Err(_) => bail!("{what}: no answer within {limit:?}"),
-    }
+        Err(_) => Err(anyhow::anyhow!("{what}: no answer within {limit:?}")),
+    };
+    eprintln!(
+        "cri-vm-check: {what}: {} after {} ms",
+        if result.is_ok() { "ok" } else { "failed" },
+        started.elapsed().as_millis()
+    );
+    result
 }
 
 const APP1_SCRIPT: &str =
@@ -1107,6 +1120,38 @@ async fn cni_pod_checks(
         ),
     );
 
+    // The peer pod's VMM dies (kill -9): the shim takes its tap down itself (the netns lives
+    // on until StopPodSandbox), CRI sees the pod and its container end, and the first pod
+    // is untouched. StopPodSandbox + RemovePodSandbox below then clean up as usual.
+    let peer_vmms: Vec<u32> = vmms_now
+        .iter()
+        .filter(|p| !vmms.contains(p))
+        .copied()
+        .collect();
+    let peer_netns = match &peer_status.netns {
+        Some(path) => Some(Netns::open(path)?),
+        None => None,
+    };
+    match (peer_vmms.as_slice(), peer_netns) {
+        ([pid], Some(peer_netns)) => {
+            vmm_crash_check(
+                checks,
+                cri,
+                (*pid, &peer_id, &peer, &peer_netns),
+                (addr_of_first(ip), &served),
+                t,
+            )
+            .await?
+        }
+        (pids, netns) => checks.fail(
+            "cni-vmm-crash",
+            format!(
+                "cannot tell the peer pod's VMM ({pids:?}) or netns ({})",
+                netns.is_some()
+            ),
+        ),
+    }
+
     for id in [&web, &client, &peer] {
         within(
             "StopContainer",
@@ -1124,6 +1169,66 @@ async fn cni_pod_checks(
     )
     .await?;
     created.removed.insert(peer_id);
+    Ok(())
+}
+
+/// The first CNI pod's httpd.
+fn addr_of_first(ip: Ipv4Addr) -> SocketAddr {
+    SocketAddr::from((ip, POD_HTTP_PORT))
+}
+
+/// Kills the peer pod's VMM (`pid`) and waits (bounded) for: no tap left in its netns (CNI's
+/// veth stays), PodSandboxStatus NOTREADY, its container EXITED with 137; then the first
+/// pod (`first`: its httpd and token) still answers L1.
+async fn vmm_crash_check(
+    checks: &mut Checks,
+    cri: &mut CriClient,
+    (pid, pod_id, container, netns): (u32, &str, &str, &Netns),
+    (first, served): (SocketAddr, &str),
+    t: Duration,
+) -> Result<()> {
+    let started = Instant::now();
+    let pid = i32::try_from(pid).context("VMM pid")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .with_context(|| format!("kill -9 {pid}"))?;
+    eprintln!("cri-vm-check: killed the peer pod's palisade-vmm {pid}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (links, state, container_state) = loop {
+        let links = netns.links()?;
+        let state = within("PodSandboxStatus peer", t, cri.pod_status(pod_id))
+            .await?
+            .state;
+        let container_state =
+            within("ContainerStatus peer", t, cri.container_state(container)).await?;
+        let done = !links.iter().any(|l| l.ends_with("_palisade"))
+            && state == PodSandboxState::SandboxNotready
+            && container_state.0 == ContainerState::ContainerExited;
+        eprintln!("cri-vm-check: after the kill: links {links:?}, pod {state:?}, container {container_state:?}");
+        if done || Instant::now() > deadline {
+            break (links, state, container_state);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let settled_ms = started.elapsed().as_millis();
+    let first_body = match http_get_retried(first, "/token", Duration::from_secs(10)).await {
+        Ok(r) => http_body(&r).map(|b| b.trim_end().to_owned()),
+        Err(e) => Some(format!("error: {e:#}")),
+    };
+    checks.expect(
+        "cni-vmm-crash",
+        links.iter().any(|l| l == "eth0")
+            && !links.iter().any(|l| l.ends_with("_palisade"))
+            && state == PodSandboxState::SandboxNotready
+            && container_state == (ContainerState::ContainerExited, 137)
+            && first_body.as_deref() == Some(served),
+        format!(
+            "kill -9 of the peer pod's palisade-vmm {pid}: after {settled_ms} ms its netns has {links:?} (want eth0, no tap), the pod {state:?}, its container {:?} exit {} (want NOTREADY, EXITED 137); the first pod's httpd at {first} then answers {first_body:?} (want {served:?})",
+            container_state.0, container_state.1
+        ),
+    );
     Ok(())
 }
 

@@ -31,6 +31,8 @@
 #                the token at the pod's IPv6 address
 #   cni-localhost a second container gets that token from 127.0.0.1 and has the same eth0
 #   cni-pod-to-pod a second CNI pod (its own VM) gets that token at the first pod's IP
+#   cni-vmm-crash kill -9 of the second pod's VMM: its tap leaves the netns (the shim), the
+#                pod goes NOTREADY and its container EXITED 137 (CRI), the first pod serves on
 #   cni-cleanup  as cleanup
 #   cni-netns    afterwards the netns file is gone; the namespace (held open by the
 #                client) has only lo: no tap, no veth, no tc filter; no process in it; no
