@@ -3,15 +3,19 @@
 //! and the nested test host's client (`cri-vm-check`, run inside L1), so both build pods
 //! and containers the same way.
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{bail, Context, Result};
 use k8s_cri::v1::{
     image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient,
     ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
-    CreateContainerRequest, ExecSyncRequest, ImageSpec, ImageStatusRequest, LinuxContainerConfig,
-    LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
-    NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, RemoveContainerRequest,
+    CreateContainerRequest, DnsConfig, ExecSyncRequest, ImageSpec, ImageStatusRequest,
+    LinuxContainerConfig, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
+    LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
+    PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest, RemoveContainerRequest,
     RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
     StopPodSandboxRequest,
 };
@@ -56,6 +60,8 @@ pub struct PodSpec<'a> {
     pub uid: &'a str,
     pub log_directory: &'a Path,
     pub network: PodNetwork,
+    /// The pod's DNS settings (the kubelet's `dnsConfig`); None: the node's resolv.conf.
+    pub dns: Option<DnsConfig>,
 }
 
 impl PodSpec<'_> {
@@ -89,6 +95,7 @@ impl PodSpec<'_> {
                 PodNetwork::Host => String::new(),
             },
             log_directory: self.log_directory.display().to_string(),
+            dns_config: self.dns.clone(),
             linux: Some(LinuxPodSandboxConfig {
                 security_context: Some(LinuxSandboxSecurityContext {
                     namespace_options: Some(self.namespace_options()),
@@ -130,6 +137,33 @@ impl PodSpec<'_> {
             ..Default::default()
         }
     }
+}
+
+/// What PodSandboxStatus (verbose) says about a pod.
+#[derive(Debug, Clone)]
+pub struct PodStatus {
+    pub state: PodSandboxState,
+    /// The pod's IP (from CNI's result; empty for a host-network pod).
+    pub ip: String,
+    /// The pod's further IPs (dual-stack: the other family's).
+    pub additional_ips: Vec<String>,
+    /// The network namespace in the sandbox's OCI spec (containerd's verbose `info`), which
+    /// is what the runtime's shim is given.
+    pub netns: Option<PathBuf>,
+}
+
+/// The network namespace path in containerd's verbose sandbox info (the JSON under key
+/// `info`: `runtimeSpec.linux.namespaces[type=network].path`).
+pub fn netns_of_sandbox_info(info: &str) -> Option<PathBuf> {
+    let info: serde_json::Value = serde_json::from_str(info).ok()?;
+    info.pointer("/runtimeSpec/linux/namespaces")?
+        .as_array()?
+        .iter()
+        .find(|ns| ns.get("type").and_then(|t| t.as_str()) == Some("network"))?
+        .get("path")?
+        .as_str()
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
 }
 
 /// What ExecSync returned.
@@ -178,6 +212,32 @@ impl CriClient {
             .with_context(|| format!("RunPodSandbox {} (handler {handler})", pod.name))?
             .into_inner()
             .pod_sandbox_id)
+    }
+
+    /// PodSandboxStatus, verbose.
+    pub async fn pod_status(&mut self, pod_id: &str) -> Result<PodStatus> {
+        let response = self
+            .runtime
+            .pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: pod_id.into(),
+                verbose: true,
+            })
+            .await
+            .with_context(|| format!("PodSandboxStatus {pod_id}"))?
+            .into_inner();
+        let status = response
+            .status
+            .with_context(|| format!("PodSandboxStatus {pod_id}: no status"))?;
+        let network = status.network.clone().unwrap_or_default();
+        Ok(PodStatus {
+            state: status.state(),
+            ip: network.ip,
+            additional_ips: network.additional_ips.into_iter().map(|i| i.ip).collect(),
+            netns: response
+                .info
+                .get("info")
+                .and_then(|info| netns_of_sandbox_info(info)),
+        })
     }
 
     /// CreateContainer + StartContainer; returns the container id.
@@ -343,6 +403,43 @@ mod tests {
     }
 
     #[test]
+    fn the_netns_is_read_from_containerds_sandbox_info() {
+        let info = r#"{"pid":42,"runtimeSpec":{"linux":{"namespaces":[
+            {"type":"pid"},{"type":"ipc"},{"type":"uts"},
+            {"type":"network","path":"/var/run/netns/cni-1234"}]}},
+            "cniResult":{"Interfaces":{}}}"#;
+        assert_eq!(
+            netns_of_sandbox_info(info),
+            Some(PathBuf::from("/var/run/netns/cni-1234"))
+        );
+        // A host-network pod has no network namespace entry; an empty path is none either.
+        let host = r#"{"runtimeSpec":{"linux":{"namespaces":[{"type":"pid"}]}}}"#;
+        assert_eq!(netns_of_sandbox_info(host), None);
+        let empty = r#"{"runtimeSpec":{"linux":{"namespaces":[{"type":"network","path":""}]}}}"#;
+        assert_eq!(netns_of_sandbox_info(empty), None);
+        assert_eq!(netns_of_sandbox_info("not json"), None);
+    }
+
+    #[test]
+    fn cni_pods_ask_for_a_pod_namespace_and_a_hostname() {
+        let pod = PodSpec {
+            name: "p",
+            uid: "u",
+            log_directory: Path::new("/tmp/logs"),
+            network: PodNetwork::Cni,
+            dns: None,
+        };
+        let config = pod.config();
+        let ns = config
+            .linux
+            .and_then(|l| l.security_context)
+            .and_then(|s| s.namespace_options)
+            .expect("namespace options");
+        assert_eq!(ns.network, NamespaceMode::Pod as i32);
+        assert_eq!(config.hostname, "p");
+    }
+
+    #[test]
     fn host_network_pods_ask_for_the_node_namespace() {
         let dir = Path::new("/tmp/logs");
         let pod = PodSpec {
@@ -350,6 +447,7 @@ mod tests {
             uid: "u",
             log_directory: dir,
             network: PodNetwork::Host,
+            dns: None,
         };
         let ns = pod.config().linux.unwrap().security_context.unwrap();
         let ns = ns.namespace_options.unwrap();

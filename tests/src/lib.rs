@@ -7,3 +7,4 @@ pub mod cri;
 pub mod hostile;
 pub mod image;
 pub mod leaks;
+pub mod netns;

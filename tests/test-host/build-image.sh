@@ -81,7 +81,7 @@ fetch_kernel_deb() {
 
 deb=$(fetch_kernel_deb)
 # The extraction is keyed by package and by the module list below (bump when it changes).
-kdir="$cache/kernel-$(basename "$deb" .deb)-m3"
+kdir="$cache/kernel-$(basename "$deb" .deb)-m4"
 if [[ ! -f $kdir/.done ]]; then
   log "extracting $(basename "$deb")"
   rm -rf "$kdir" && mkdir -p "$kdir/x"
@@ -93,11 +93,13 @@ if [[ ! -f $kdir/.done ]]; then
   # containerd scenarios; the vhost-vsock stack gives the reference VMM (QEMU) the same vsock
   # device palisade-vmm has, so the benchmark compares like with like; tun, veth and the tc
   # ingress qdisc / u32 classifier / mirred action serve pod networking (`net`, `net-bench`:
-  # the shim's tap + tc mirroring). Modules may be xz/zstd-compressed in newer packages.
+  # the shim's tap + tc mirroring); llc, stp and bridge serve CNI's bridge plugin (`cri-vm`'s
+  # CNI pod). Modules may be xz/zstd-compressed in newer packages.
   for m in virt/lib/irqbypass arch/x86/kvm/kvm arch/x86/kvm/kvm-amd fs/overlayfs/overlay \
     drivers/block/loop net/vmw_vsock/vsock net/vmw_vsock/vmw_vsock_virtio_transport_common \
     drivers/vhost/vhost_iotlb drivers/vhost/vhost drivers/vhost/vhost_vsock \
-    drivers/net/tun drivers/net/veth net/sched/sch_ingress net/sched/cls_u32 net/sched/act_mirred; do
+    drivers/net/tun drivers/net/veth net/sched/sch_ingress net/sched/cls_u32 net/sched/act_mirred \
+    net/llc/llc net/802/stp net/bridge/bridge; do
     src="$kdir/x/lib/modules/$kver/kernel/$m"
     name=$(basename "$m")
     if [[ -f $src.ko ]]; then
@@ -424,6 +426,25 @@ else
   component net-tools missing "$net_missing"
 fi
 # <<< net block -------------------------------------------------------------------------
+# >>> cni block (issue 9): CNI plugins for cri-vm's CNI pod ------------------------------
+# Debian's containernetworking-plugins: bridge + host-local build the pod's network, loopback
+# is what containerd's CRI plugin runs for every pod's `lo`. Go binaries linked against glibc
+# only (copy_with_libs). No portmap: it programs iptables, which L1 does not have.
+cni_missing=
+cni_plugins=(bridge host-local loopback)
+for p in "${cni_plugins[@]}"; do
+  [[ -x /usr/lib/cni/$p ]] || cni_missing="${cni_missing:+$cni_missing; }no /usr/lib/cni/$p (apt-get install containernetworking-plugins)"
+done
+if [[ -z $cni_missing ]]; then
+  mkdir -p "$root/usr/lib/cni"
+  for p in "${cni_plugins[@]}"; do
+    copy_with_libs "/usr/lib/cni/$p" "$root/usr/lib/cni/$p"
+  done
+  component cni ok "containernetworking-plugins $(dpkg-query -W -f='${Version}' containernetworking-plugins 2>/dev/null || echo '?'): ${cni_plugins[*]}"
+else
+  component cni missing "$cni_missing"
+fi
+# <<< cni block -------------------------------------------------------------------------
 
 cp "$components" "$root/palisade/components"
 

@@ -79,6 +79,7 @@ async fn pod_lifecycle_through_cri() {
         uid: "0b5f0c8e-palisade-pod",
         log_directory: logs.path(),
         network: PodNetwork::Cni,
+        dns: None,
     };
     let pod = cri
         .run_pod(&pod_spec, PALISADE_NATIVE_HANDLER)

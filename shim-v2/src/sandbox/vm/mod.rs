@@ -211,6 +211,23 @@ fn guest_spec(bundle: &Path) -> TaskResult<serde_json::Value> {
     Ok(spec)
 }
 
+/// Kill's answer when the pod's VM cannot take a signal (`vm_error`: gone or not running).
+/// A process already reported as exited is NotFound — a dead VM took every process of the
+/// pod with it, so nothing is left to kill — which containerd's `WithProcessKill` (CRI runs
+/// it, a kill --all of the init, before deleting a task after its exit) accepts. Any other
+/// answer fails CRI's handling of the TaskExit: it retries forever, the container and pod
+/// stay RUNNING/READY and StopContainer hangs.
+fn kill_without_vm(process: &VmProcess, vm_error: TaskError) -> TaskError {
+    if process.status() != Status::STOPPED {
+        return vm_error;
+    }
+    TaskError::NotFound(format!(
+        "process {} of {} already finished ({vm_error})",
+        process.event_id(),
+        process.container_id
+    ))
+}
+
 /// Removes the VMM's cgroup (after the VMM exited), off the async workers.
 async fn destroy_cgroup(cgroup: Option<cgroup::VmmCgroup>, bundle: &Path) {
     let Some(cgroup) = cgroup else {
@@ -1136,7 +1153,10 @@ impl Sandbox for VmSandbox {
             }
             _ => {}
         }
-        let vm = self.running_vm().await?;
+        let vm = self
+            .running_vm()
+            .await
+            .map_err(|e| kill_without_vm(&process, e))?;
         let request = SignalProcessRequest {
             container_id: id.to_string(),
             exec_id: exec_id.to_string(),
@@ -1301,6 +1321,33 @@ impl VmSandbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn killing_an_exited_process_of_a_dead_vm_is_not_found() {
+        let gone = || TaskError::Unavailable("the pod's VM is gone: killed by signal 9".into());
+        let init = VmProcess::new("c1", "", StdioUris::default(), None);
+        init.set_status(Status::RUNNING);
+        // Still running as far as the shim knows: the VM's error stands.
+        assert!(matches!(
+            kill_without_vm(&init, gone()),
+            TaskError::Unavailable(_)
+        ));
+        // Reported exited (137 after the VMM died): NotFound, which WithProcessKill accepts.
+        assert!(init.set_exited(137, now()));
+        match kill_without_vm(&init, gone()) {
+            TaskError::NotFound(m) => {
+                assert!(m.contains("c1") && m.contains("killed by signal 9"), "{m}")
+            }
+            other => panic!("want NotFound, got {other:?}"),
+        }
+        let exec = VmProcess::new("c1", "e1", StdioUris::default(), None);
+        assert!(exec.set_exited(137, now()));
+        let not_running = TaskError::FailedPrecondition("the pod's VM is not running".into());
+        assert!(matches!(
+            kill_without_vm(&exec, not_running),
+            TaskError::NotFound(m) if m.contains("e1")
+        ));
+    }
 
     #[test]
     fn ids_the_agent_rejects_are_refused_up_front() {
