@@ -291,6 +291,31 @@ async fn within<T>(what: &str, limit: Duration, fut: impl Future<Output = Result
     result
 }
 
+/// CreateContainer + StartContainer of a busybox `sh -c SCRIPT` container `name` in the pod
+/// (logging to `<name>.log`), recorded for cleanup; returns its id.
+async fn start_shell(
+    cri: &mut CriClient,
+    created: &mut Created,
+    limit: Duration,
+    (pod_id, pod): (&str, &PodSpec<'_>),
+    (name, image, script): (&str, &str, &str),
+) -> Result<String> {
+    let config = pod.container(
+        name,
+        image,
+        &["/bin/sh", "-c", script],
+        &format!("{name}.log"),
+    );
+    let id = within(
+        &format!("CreateContainer+StartContainer {name}"),
+        limit,
+        cri.start_container(pod_id, pod, config),
+    )
+    .await?;
+    created.containers.push(id.clone());
+    Ok(id)
+}
+
 const APP1_SCRIPT: &str =
     "echo hello-cri-vm; echo err-cri-vm >&2; trap 'exit 0' TERM; while :; do sleep 1; done";
 const APP2_SCRIPT: &str = "trap 'exit 0' TERM; while :; do sleep 1; done";
@@ -352,38 +377,22 @@ async fn pod_checks(
     );
 
     let started = Instant::now();
-    let app1 = within(
-        "CreateContainer+StartContainer app1",
+    let app1 = start_shell(
+        cri,
+        created,
         t,
-        cri.start_container(
-            &pod_id,
-            &pod,
-            pod.container(
-                "app1",
-                &args.image,
-                &["/bin/sh", "-c", APP1_SCRIPT],
-                "app1.log",
-            ),
-        ),
+        (&pod_id, &pod),
+        ("app1", &args.image, APP1_SCRIPT),
     )
     .await?;
-    created.containers.push(app1.clone());
-    let app2 = within(
-        "CreateContainer+StartContainer app2",
+    let app2 = start_shell(
+        cri,
+        created,
         t,
-        cri.start_container(
-            &pod_id,
-            &pod,
-            pod.container(
-                "app2",
-                &args.image,
-                &["/bin/sh", "-c", APP2_SCRIPT],
-                "app2.log",
-            ),
-        ),
+        (&pod_id, &pod),
+        ("app2", &args.image, APP2_SCRIPT),
     )
     .await?;
-    created.containers.push(app2.clone());
     let s1 = within("ContainerStatus app1", t, cri.container_state(&app1)).await?;
     let s2 = within("ContainerStatus app2", t, cri.container_state(&app2)).await?;
     let vmms_now = vmm_pids();
@@ -818,17 +827,14 @@ async fn cni_pod_checks(
     let script = format!(
         "mkdir -p /www && echo {served} >/www/token && httpd -p {POD_HTTP_PORT} -h /www; trap 'exit 0' TERM; while :; do sleep 1; done"
     );
-    let web = within(
-        "CreateContainer+StartContainer web",
+    let web = start_shell(
+        cri,
+        created,
         t,
-        cri.start_container(
-            &pod_id,
-            &pod,
-            pod.container("web", &args.image, &["/bin/sh", "-c", &script], "web.log"),
-        ),
+        (&pod_id, &pod),
+        ("web", &args.image, &script),
     )
     .await?;
-    created.containers.push(web.clone());
 
     let probe = within(
         "ExecSync identity",
@@ -1016,22 +1022,14 @@ async fn cni_pod_checks(
 
     // A second container of the pod shares its network (Kubernetes: containers of a pod
     // reach each other on localhost); in VM mode both are in the guest's namespace.
-    let client = within(
-        "CreateContainer+StartContainer client",
+    let client = start_shell(
+        cri,
+        created,
         t,
-        cri.start_container(
-            &pod_id,
-            &pod,
-            pod.container(
-                "client",
-                &args.image,
-                &["/bin/sh", "-c", APP2_SCRIPT],
-                "client.log",
-            ),
-        ),
+        (&pod_id, &pod),
+        ("client", &args.image, APP2_SCRIPT),
     )
     .await?;
-    created.containers.push(client.clone());
     let local_url = format!("http://127.0.0.1:{POD_HTTP_PORT}/token");
     let local = within(
         "ExecSync wget localhost",
@@ -1079,22 +1077,14 @@ async fn cni_pod_checks(
     .await?;
     created.pods.push(peer_id.clone());
     let peer_status = within("PodSandboxStatus peer", t, cri.pod_status(&peer_id)).await?;
-    let peer = within(
-        "CreateContainer+StartContainer peer",
+    let peer = start_shell(
+        cri,
+        created,
         t,
-        cri.start_container(
-            &peer_id,
-            &peer_pod,
-            peer_pod.container(
-                "peer",
-                &args.image,
-                &["/bin/sh", "-c", APP2_SCRIPT],
-                "peer.log",
-            ),
-        ),
+        (&peer_id, &peer_pod),
+        ("peer", &args.image, APP2_SCRIPT),
     )
     .await?;
-    created.containers.push(peer.clone());
     let peer_ms = started.elapsed().as_millis();
     let vmms_now = vmm_pids();
     let url = format!("http://{ip}:{POD_HTTP_PORT}/token");
