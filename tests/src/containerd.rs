@@ -511,18 +511,8 @@ oom_score = 0
     pub fn shim_pids(&self) -> Vec<i32> {
         let socket = self.socket().display().to_string();
         let mut pids = Vec::new();
-        let Ok(entries) = fs::read_dir("/proc") else {
-            return pids;
-        };
-        for entry in entries.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+        for (pid, dir) in crate::procfs::pids() {
+            let Ok(cmdline) = fs::read(dir.join("cmdline")) else {
                 continue;
             };
             let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();

@@ -307,18 +307,7 @@ fn walk_cgroups(dir: &Path, depth: usize, out: &mut BTreeSet<PathBuf>) {
 
 fn processes() -> BTreeMap<(i32, u64), ProcInfo> {
     let mut out = BTreeMap::new();
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let dir = entry.path();
+    for (pid, dir) in crate::procfs::pids() {
         let Ok(stat) = fs::read_to_string(dir.join("stat")) else {
             continue;
         };

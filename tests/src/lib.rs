@@ -8,3 +8,4 @@ pub mod hostile;
 pub mod image;
 pub mod leaks;
 pub mod netns;
+pub mod procfs;

@@ -207,27 +207,16 @@ impl Netns {
 pub fn processes_in(ino: u64) -> Vec<u32> {
     let want = format!("net:[{ino}]");
     let me = std::process::id();
-    let mut pids = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return pids;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid != me
-            && std::fs::read_link(entry.path().join("ns/net"))
-                .is_ok_and(|l| l.to_str() == Some(want.as_str()))
-        {
-            pids.push(pid);
-        }
-    }
-    pids.sort_unstable();
-    pids
+    crate::procfs::pids()
+        .into_iter()
+        .filter_map(|(pid, dir)| u32::try_from(pid).ok().map(|pid| (pid, dir)))
+        .filter(|(pid, dir)| {
+            *pid != me
+                && std::fs::read_link(dir.join("ns/net"))
+                    .is_ok_and(|l| l.to_str() == Some(want.as_str()))
+        })
+        .map(|(pid, _)| pid)
+        .collect()
 }
 
 #[cfg(test)]

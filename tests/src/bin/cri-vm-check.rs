@@ -169,20 +169,13 @@ fn parse_args() -> Result<Args> {
 
 /// Pids of processes whose command name (`/proc/PID/comm`) is `comm`.
 fn pids_named(comm: &str) -> Vec<u32> {
-    let mut pids = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return pids;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
-            continue;
-        };
-        if std::fs::read_to_string(entry.path().join("comm")).is_ok_and(|c| c.trim_end() == comm) {
-            pids.push(pid);
-        }
-    }
-    pids.sort_unstable();
-    pids
+    palisade_tests::procfs::pids()
+        .into_iter()
+        .filter(|(_, dir)| {
+            std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim_end() == comm)
+        })
+        .filter_map(|(pid, _)| u32::try_from(pid).ok())
+        .collect()
 }
 
 /// The VMMs and the palisade shims (comm is cut to 15 bytes: "containerd-shim").
